@@ -1,0 +1,130 @@
+"""Safe checkpoints: ``model.safetensors`` plus ``config.json``; loading never unpickles.
+
+The JSON records how to rebuild the model (registry name and options), the SHA-256 of the
+weights, and what produced them. A checkpoint directory is written to a temporary sibling and
+renamed into place, so a crash never leaves half a checkpoint, and an existing one is only
+replaced when the caller asks for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+import qrobust
+from qrobust.errors import QrobustError
+from qrobust.models import create_model
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+FORMAT = "qrobust-checkpoint/1"
+
+
+def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def save_checkpoint(directory: str | os.PathLike, model: nn.Module, info: dict[str, Any] | None = None,
+                    *, overwrite: bool = False) -> Path:
+    """Write ``directory/model.safetensors`` and ``directory/config.json`` atomically."""
+    directory = Path(directory)
+    cfg = getattr(model, "qrobust_config", None)
+    if cfg is None:
+        raise QrobustError("model was not built with qrobust.models.create_model, so it cannot be rebuilt on load")
+    if directory.exists() and not overwrite:
+        raise QrobustError(f"checkpoint {directory} already exists; pass --force (overwrite=True) to replace it")
+    parent = directory.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{directory.name}.", suffix=".tmp"))
+    except OSError as exc:
+        raise QrobustError(f"cannot write checkpoint into {parent}: {exc.strerror}; choose another --out") from exc
+    try:
+        blob = st_save(_state_tensors(model), metadata={"format": FORMAT})
+        (tmp / WEIGHTS).write_bytes(blob)
+        config = {
+            "format": FORMAT,
+            "qrobust_version": qrobust.__version__,
+            "model": cfg,
+            "weights_sha256": hashlib.sha256(blob).hexdigest(),
+            **(info or {}),
+        }
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if directory.exists():
+            old = parent / f".{directory.name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def read_config(directory: str | os.PathLike) -> dict[str, Any]:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise QrobustError(f"checkpoint {directory} does not exist (expected a directory with {WEIGHTS} and {CONFIG})")
+    path = directory / CONFIG
+    if not path.is_file():
+        raise QrobustError(f"checkpoint {directory} has no {CONFIG}; it was not written by qrobust")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise QrobustError(f"{path} is not valid JSON ({exc}); the checkpoint is corrupt") from exc
+    if not isinstance(config, dict) or config.get("format") != FORMAT or "model" not in config:
+        raise QrobustError(f"{path} is not a qrobust checkpoint description (format {FORMAT!r} expected)")
+    return config
+
+
+def load_checkpoint(directory: str | os.PathLike, device: torch.device | str = "cpu",
+                    ) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model from ``config.json`` and load verified weights; returns ``(model, config)``."""
+    directory = Path(directory)
+    config = read_config(directory)
+    weights = directory / WEIGHTS
+    if not weights.is_file():
+        raise QrobustError(f"checkpoint {directory} has no {WEIGHTS}")
+    blob = weights.read_bytes()
+    digest = hashlib.sha256(blob).hexdigest()
+    if config.get("weights_sha256") not in (None, digest):
+        raise QrobustError(f"{weights} does not match the SHA-256 recorded in {CONFIG}; the file is corrupt or "
+                           "was replaced. Retrain or restore the checkpoint")
+    try:
+        tensors = st_load(blob)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise QrobustError(f"{weights} is not a valid safetensors file ({exc})") from exc
+    spec = config["model"]
+    model = create_model(spec["name"], **spec.get("kwargs", {}))
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(tensors) if expected[k].shape != tensors[k].shape)
+    if missing or extra or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:5])}")
+        if extra:
+            parts.append(f"unexpected {', '.join(extra[:5])}")
+        if wrong:
+            parts.append("; ".join(f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}"
+                                   for k in wrong[:5]))
+        raise QrobustError(f"weights in {directory} do not match the model described in {CONFIG} "
+                           f"({spec['name']} {spec.get('kwargs', {})}): {'; '.join(parts)}")
+    model.load_state_dict(tensors)
+    model.to(device).eval()
+    return model, config

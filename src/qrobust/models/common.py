@@ -1,0 +1,71 @@
+"""Building blocks shared by the model families."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qrobust.errors import QrobustError
+
+
+class MCDropout(nn.Module):
+    """Dropout that can stay on at inference (``always_on=True``) for Monte-Carlo uncertainty."""
+
+    def __init__(self, p: float = 0.0, always_on: bool = False) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise QrobustError(f"dropout rate must be in [0, 1), got {p}")
+        self.p = float(p)
+        self.always_on = bool(always_on)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.p == 0.0:
+            return x
+        return F.dropout(x, self.p, training=self.training or self.always_on)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, always_on={self.always_on}"
+
+
+class Normalize(nn.Module):
+    """Per-channel (x - mean) / std inside the model, so attacks stay in [0, 1] pixel space."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
+
+
+class MaxPoolSame(nn.Module):
+    """Max pooling with TensorFlow's SAME padding (pads with -inf), as the seeds' TF code used."""
+
+    def __init__(self, kernel_size: int, stride: int) -> None:
+        super().__init__()
+        self.k, self.s = kernel_size, stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        pads = []
+        for size in (x.shape[-1], x.shape[-2]):
+            out = math.ceil(size / self.s)
+            total = max((out - 1) * self.s + self.k - size, 0)
+            pads += [total // 2, total - total // 2]
+        x = F.pad(x, pads, value=float("-inf"))
+        return F.max_pool2d(x, self.k, self.s)
+
+
+def unit_norm_truncnormal_(module: nn.Module, std: float) -> None:
+    """EMPIR/CleverHans init: truncated normal, then each output filter scaled to unit L2 norm."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d | nn.Linear):
+            with torch.no_grad():
+                nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
+                norms = m.weight.flatten(1).norm(dim=1).clamp_min(1e-12)
+                m.weight.div_(norms.view(-1, *([1] * (m.weight.dim() - 1))))
+                if m.bias is not None:
+                    m.bias.zero_()

@@ -1,0 +1,125 @@
+"""EMPIR's model families: MNISTconv, CIFARconv and the DoReFa AlexNet (``shared/spec/seed-systems.md``).
+
+Every conv layer of MNISTconv/CIFARconv quantizes its input with k-bit activations, including
+conv1, so the image itself is quantized to 2^abits levels; fully connected layers stay full
+precision. AlexNet keeps conv1 and the last FC full precision.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from qrobust.models.common import MaxPoolSame, MCDropout, Normalize, unit_norm_truncnormal_
+from qrobust.models.registry import register_model
+from qrobust.quant import FULL_PRECISION, DoReFaActivation, DoReFaWeight, QuantConv2d, QuantLinear, check_bits
+
+
+def _qconv(cin: int, cout: int, k: int, *, wbits: int, abits: int, **kw) -> QuantConv2d:
+    return QuantConv2d(cin, cout, k, weight_quant=DoReFaWeight(wbits), input_quant=DoReFaActivation(abits), **kw)
+
+
+def _init_std(wbits: int, abits: int) -> float:
+    return 0.1 if wbits == FULL_PRECISION and abits == FULL_PRECISION else 0.2
+
+
+class MNISTConv(nn.Module):
+    """conv64 8x8/2 SAME - conv128 6x6/2 VALID - conv128 5x5/1 VALID - linear 10; ReLU, no bias."""
+
+    def __init__(self, *, wbits: int, abits: int, dropout: float, mc_dropout: bool, num_classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(
+            _qconv(1, 64, 8, stride=2, padding=3, bias=False, wbits=wbits, abits=abits),
+            nn.ReLU(),
+            _qconv(64, 128, 6, stride=2, padding=0, bias=False, wbits=wbits, abits=abits),
+            nn.ReLU(),
+            _qconv(128, 128, 5, stride=1, padding=0, bias=False, wbits=wbits, abits=abits),
+            nn.ReLU(),
+            nn.Flatten(),
+        )
+        self.dropout = MCDropout(dropout, mc_dropout)
+        self.classifier = nn.Linear(128, num_classes)
+        unit_norm_truncnormal_(self, _init_std(wbits, abits))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.dropout(self.features(x)))
+
+
+@register_model("mnistconv", input_shape=(1, 28, 28), description="EMPIR MNISTconv (DoReFa wbits/abits)")
+def mnistconv(*, wbits: int = 32, abits: int = 32, dropout: float = 0.0, mc_dropout: bool = False) -> nn.Module:
+    return MNISTConv(wbits=check_bits(wbits, "wbits"), abits=check_bits(abits, "abits"), dropout=dropout,
+                     mc_dropout=mc_dropout)
+
+
+class CIFARConv(nn.Module):
+    """cifar10_quick-like: conv32-maxpool-ReLU, conv32-ReLU-avgpool, conv64-ReLU-avgpool, FC64 (linear), FC10."""
+
+    def __init__(self, *, wbits: int, abits: int, dropout: float, mc_dropout: bool, num_classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(
+            _qconv(3, 32, 5, padding=2, wbits=wbits, abits=abits),
+            nn.MaxPool2d(3, 2),
+            nn.ReLU(),
+            _qconv(32, 32, 5, padding=2, wbits=wbits, abits=abits),
+            nn.ReLU(),
+            nn.AvgPool2d(3, 2),
+            _qconv(32, 64, 5, padding=2, wbits=wbits, abits=abits),
+            nn.ReLU(),
+            nn.AvgPool2d(3, 2),
+            nn.Flatten(),
+        )
+        self.fc1 = nn.Linear(3 * 3 * 64, 64, bias=False)
+        self.dropout = MCDropout(dropout, mc_dropout)
+        self.classifier = nn.Linear(64, num_classes)
+        unit_norm_truncnormal_(self, _init_std(wbits, abits))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.dropout(self.fc1(self.features(x))))
+
+
+@register_model("cifarconv", input_shape=(3, 32, 32), description="EMPIR CIFARconv (DoReFa wbits/abits)")
+def cifarconv(*, wbits: int = 32, abits: int = 32, dropout: float = 0.0, mc_dropout: bool = False) -> nn.Module:
+    return CIFARConv(wbits=check_bits(wbits, "wbits"), abits=check_bits(abits, "abits"), dropout=dropout,
+                     mc_dropout=mc_dropout)
+
+
+class DoReFaAlexNet(nn.Module):
+    """DoReFa AlexNet (224x224 input): conv1 and the last FC full precision, BN after conv2..fc2."""
+
+    def __init__(self, *, wbits: int, abits: int, dropout: float, mc_dropout: bool, num_classes: int):
+        super().__init__()
+
+        def q(cin: int, cout: int, k: int, **kw) -> QuantConv2d:
+            return _qconv(cin, cout, k, bias=False, wbits=wbits, abits=abits, **kw)
+
+        self.normalize = Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 96, 12, stride=4, padding=0, bias=True),
+            nn.ReLU(),
+            q(96, 256, 5, padding=2, groups=2), nn.BatchNorm2d(256), MaxPoolSame(3, 2), nn.ReLU(),
+            q(256, 384, 3, padding=1), nn.BatchNorm2d(384), MaxPoolSame(3, 2), nn.ReLU(),
+            q(384, 384, 3, padding=1, groups=2), nn.BatchNorm2d(384), nn.ReLU(),
+            q(384, 256, 3, padding=1, groups=2), nn.BatchNorm2d(256), nn.MaxPool2d(3, 2), nn.ReLU(),
+            nn.Flatten(),
+        )
+
+        def qfc(cin: int, cout: int) -> QuantLinear:
+            return QuantLinear(cin, cout, bias=False, weight_quant=DoReFaWeight(wbits),
+                               input_quant=DoReFaActivation(abits))
+
+        self.head = nn.Sequential(
+            qfc(256 * 6 * 6, 4096), nn.BatchNorm1d(4096), nn.ReLU(),
+            qfc(4096, 4096), nn.BatchNorm1d(4096), nn.ReLU(),
+            MCDropout(dropout, mc_dropout),
+            nn.Linear(4096, num_classes),
+        )
+        unit_norm_truncnormal_(self, _init_std(wbits, abits))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(self.normalize(x)))
+
+
+@register_model("alexnet", input_shape=(3, 224, 224), description="EMPIR/DoReFa AlexNet for ImageNet")
+def alexnet(*, wbits: int = 32, abits: int = 32, dropout: float = 0.0, mc_dropout: bool = False,
+            num_classes: int = 1000) -> nn.Module:
+    return DoReFaAlexNet(wbits=check_bits(wbits, "wbits"), abits=check_bits(abits, "abits"), dropout=dropout,
+                         mc_dropout=mc_dropout, num_classes=num_classes)

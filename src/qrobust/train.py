@@ -1,0 +1,197 @@
+"""Training loop (Adam), with EMPIR label smoothing, optional adversarial training, and resume.
+
+Deterministic for a given seed on a given device. With ``state_dir`` the loop saves its full
+state (weights, optimizer, RNG, history) after every epoch, atomically, and resumes from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from qrobust.data import Split
+from qrobust.errors import QrobustError
+from qrobust.evaluate import accuracy
+from qrobust.utils import atomic_write_json
+
+Adversary = Callable[[nn.Module, Tensor, Tensor], Tensor]
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 15
+    batch_size: int = 128
+    lr: float = 1e-3
+    adam_eps: float = 1e-8
+    seed: int = 0
+    label_smoothing: float = 0.0
+    adv_start_epoch: int = 0  # seed A: first 10 epochs clean, then (CE_clean + CE_adv) / 2
+    max_train: int | None = None  # use only the first N training images (quick runs)
+
+    def validate(self) -> None:
+        if self.epochs < 0:
+            raise QrobustError(f"epochs must be >= 0, got {self.epochs}")
+        if self.batch_size <= 0:
+            raise QrobustError(f"batch size must be positive, got {self.batch_size}")
+        if not self.lr > 0:
+            raise QrobustError(f"learning rate must be positive, got {self.lr}")
+        if not 0 <= self.label_smoothing < 1:
+            raise QrobustError(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.max_train is not None and self.max_train <= 0:
+            raise QrobustError(f"max_train must be positive, got {self.max_train}")
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    loss: float
+    train_accuracy: float
+    test_accuracy: float
+    seconds: float
+    images_per_second: float
+
+
+@dataclass
+class TrainResult:
+    history: list[EpochRecord] = field(default_factory=list)
+
+    @property
+    def test_accuracy(self) -> float:
+        return self.history[-1].test_accuracy if self.history else float("nan")
+
+    @property
+    def seconds(self) -> float:
+        return sum(r.seconds for r in self.history)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"history": [asdict(r) for r in self.history], "test_accuracy": self.test_accuracy,
+                "train_seconds": self.seconds}
+
+
+def smoothed_targets(y: Tensor, num_classes: int, smoothing: float) -> Tensor:
+    """EMPIR's label smoothing: one-hot clipped to [s / (K - 1), 1 - s]."""
+    low = smoothing / (num_classes - 1)
+    return F.one_hot(y, num_classes).float().clamp(low, 1.0 - smoothing)
+
+
+def _loss(logits: Tensor, y: Tensor, smoothing: float) -> Tensor:
+    if smoothing == 0:
+        return F.cross_entropy(logits, y)
+    target = smoothed_targets(y, logits.shape[1], smoothing)
+    return -(target * F.log_softmax(logits, 1)).sum(1).mean()
+
+
+def _save_state(state_dir: Path, model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
+                result: TrainResult, epoch: int) -> None:
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    for i, st in opt.state_dict()["state"].items():
+        for name, value in st.items():
+            tensors[f"opt.{i}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    tensors["rng.generator"] = gen.get_state()
+    tensors["rng.torch"] = torch.get_rng_state()
+    tmp = state_dir / "train_state.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    os.replace(tmp, state_dir / "train_state.safetensors")
+    atomic_write_json(state_dir / "train_state.json", {"epoch": epoch, **result.as_dict()})
+
+
+def _load_state(state_dir: Path, model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator
+                ) -> tuple[int, TrainResult]:
+    meta_path, blob_path = state_dir / "train_state.json", state_dir / "train_state.safetensors"
+    if not (meta_path.is_file() and blob_path.is_file()):
+        return 0, TrainResult()
+    meta = json.loads(meta_path.read_text())
+    tensors = load_file(str(blob_path))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    opt_sd = opt.state_dict()
+    state: dict[int, dict[str, Tensor]] = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, i, name = k.split(".", 2)
+            state.setdefault(int(i), {})[name] = v
+    opt_sd["state"] = state
+    opt.load_state_dict(opt_sd)
+    gen.set_state(tensors["rng.generator"])
+    torch.set_rng_state(tensors["rng.torch"])
+    result = TrainResult([EpochRecord(**r) for r in meta["history"]])
+    return int(meta["epoch"]), result
+
+
+def train(
+    model: nn.Module,
+    train_split: Split,
+    test_split: Split | None,
+    config: TrainConfig,
+    *,
+    device: torch.device | str = "cpu",
+    adversary: Adversary | None = None,
+    state_dir: str | os.PathLike | None = None,
+    progress: bool = False,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` in place and return per-epoch metrics.
+
+    ``adversary(model, x, y) -> x_adv`` enables adversarial training from ``config.adv_start_epoch``
+    on, with loss (CE(x) + CE(x_adv)) / 2.
+    """
+    config.validate()
+    device = torch.device(device)
+    model.to(device)
+    torch.manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr, eps=config.adam_eps)
+    data = train_split.head(config.max_train) if config.max_train else train_split
+    start, result = 0, TrainResult()
+    sdir = Path(state_dir) if state_dir is not None else None
+    if sdir is not None:
+        sdir.mkdir(parents=True, exist_ok=True)
+        start, result = _load_state(sdir, model, opt, gen)
+    x_test = y_test = None
+    if test_split is not None:
+        x_test, y_test = test_split.tensors(device)
+    for epoch in range(start, config.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        total_loss, correct, seen = 0.0, 0, 0
+        batches = data.batches(config.batch_size, shuffle=True, generator=gen, device=device)
+        if progress:
+            from tqdm import tqdm
+
+            batches = tqdm(batches, total=-(-len(data) // config.batch_size), desc=f"epoch {epoch + 1}/{config.epochs}",
+                           leave=False)
+        for x, y in batches:
+            logits = model(x)
+            loss = _loss(logits, y, config.label_smoothing)
+            if adversary is not None and epoch >= config.adv_start_epoch:
+                model.eval()
+                x_adv = adversary(model, x, y).detach()
+                model.train()
+                loss = 0.5 * (loss + _loss(model(x_adv), y, config.label_smoothing))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total_loss += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += len(y)
+        seconds = time.perf_counter() - t0
+        model.eval()
+        test_acc = accuracy(model, x_test, y_test) if x_test is not None else float("nan")
+        record = EpochRecord(epoch + 1, total_loss / max(seen, 1), correct / max(seen, 1), test_acc, seconds,
+                             seen / seconds if seconds > 0 else float("nan"))
+        result.history.append(record)
+        if sdir is not None:
+            _save_state(sdir, model, opt, gen, result, epoch + 1)
+        if on_epoch is not None:
+            on_epoch(record)
+    model.eval()
+    return result

@@ -74,3 +74,21 @@ def check_writable_dir(path: str | os.PathLike) -> Path:
     if not os.access(path, os.W_OK):
         raise QrobustError(f"output directory {path} is not writable; choose another --out or fix its permissions")
     return path
+
+
+def update_marked_section(path: str | os.PathLike, section: str, body: str, title: str | None = None) -> None:
+    """Replace (or append) the block between ``<!-- BEGIN section -->`` and ``<!-- END section -->``.
+
+    Lets several benchmark/reproduction scripts share one markdown file without clobbering each other.
+    """
+    path = Path(path)
+    begin, end = f"<!-- BEGIN {section} -->", f"<!-- END {section} -->"
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    text = path.read_text() if path.is_file() else (f"# {title}\n\n" if title else "")
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        text = head + block + tail
+    else:
+        text = text.rstrip() + ("\n\n" if text.strip() else "") + block + "\n"
+    atomic_write_text(path, text)

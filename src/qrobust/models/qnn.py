@@ -59,6 +59,11 @@ class SeedANet(nn.Module):
                 conv1, nn.ReLU(), _BinaryBlock(64, 64, wq, aq, act2), _BinaryBlock(64, 64, wq3, aq3, act3)
             )
             side = 22
+        # Latent weights of quantized convs start in [-1, 1]: PyTorch's default init (|w| < 0.05) would
+        # round every k-bit weight to 0 and leave stochastic binary weights as fair coin flips.
+        for m in self.features.modules():
+            if isinstance(m, QuantConv2d):
+                nn.init.uniform_(m.weight, -1.0, 1.0)
         self.head = nn.Sequential(
             nn.Flatten(),
             MCDropout(dropout, mc_dropout),

@@ -1,0 +1,70 @@
+"""Per-sample attack losses on a model's raw output.
+
+Every loss returns one value per sample, *increasing* as the attack gets closer to its goal for an
+untargeted attack (the attack ascends it) and *decreasing* towards the target class for a targeted
+one (the attack descends it). The output is never assumed to be logits beyond what the chosen loss
+does with it: an ensemble's legacy view may return probabilities and be attacked with plain ``"ce"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from qrobust.errors import QrobustError
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+LOSSES = ("ce", "ce_prob", "cw")
+
+
+def ce_loss(outputs: Tensor, y: Tensor) -> Tensor:
+    """Cross-entropy with the output taken as logits."""
+    return F.cross_entropy(outputs, y, reduction="none")
+
+
+def ce_prob_loss(outputs: Tensor, y: Tensor) -> Tensor:
+    """Softmax of the output fed again to cross-entropy as logits: what the seeds' TF code computed.
+
+    CleverHans' ``model_loss`` was given probabilities and applied ``softmax_cross_entropy_with_logits``
+    to them; the resulting gradient is much flatter than plain CE, which partly explains the seeds'
+    weak iterative attacks.
+    """
+    return F.cross_entropy(F.softmax(outputs, dim=1), y, reduction="none")
+
+
+def margin(outputs: Tensor, y: Tensor) -> Tensor:
+    """``max_{j != y} z_j - z_y``: positive once the sample is classified as something other than ``y``."""
+    true = outputs.gather(1, y[:, None]).squeeze(1)
+    other = outputs.scatter(1, y[:, None], float("-inf")).amax(1)
+    return other - true
+
+
+def cw_loss(outputs: Tensor, y: Tensor) -> Tensor:
+    """Carlini-Wagner margin on the output taken as logits (unclamped, so PGD keeps pushing)."""
+    return margin(outputs, y)
+
+
+_BY_NAME: dict[str, LossFn] = {"ce": ce_loss, "ce_prob": ce_prob_loss, "cw": cw_loss}
+
+
+def resolve_loss(loss: str | LossFn) -> LossFn:
+    """Map a loss name or a callable ``(outputs, y) -> per-sample loss`` to a callable."""
+    if callable(loss):
+        return loss
+    if isinstance(loss, str) and loss in _BY_NAME:
+        return _BY_NAME[loss]
+    raise QrobustError(f"unknown attack loss {loss!r}; use one of {', '.join(LOSSES)} or a callable "
+                       "(outputs, y) -> per-sample loss")
+
+
+def check_per_sample(value: Tensor, batch: int) -> Tensor:
+    """A custom loss must return one value per sample (a scalar would mix samples' gradients)."""
+    if value.dim() != 1 or value.shape[0] != batch:
+        raise QrobustError(f"attack loss must return one value per sample (shape ({batch},)), got shape "
+                           f"{tuple(value.shape)}; use reduction='none'")
+    return value
+
+
+__all__ = ["LOSSES", "LossFn", "ce_loss", "ce_prob_loss", "cw_loss", "margin", "resolve_loss"]

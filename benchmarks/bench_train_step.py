@@ -4,9 +4,9 @@
 
 Both models are timed in the same process with interleaved repetitions (FP, a4w2, FP, a4w2, ...),
 so a busy machine slows both alike; the figure of merit is the ratio of the medians (goal <= 1.5x).
-Peak memory is the peak resident set size of a fresh child process running 20 steps of one model
-(on CUDA: ``torch.cuda.max_memory_allocated``). Results go to the "train-step" section of
-docs/benchmarks.md.
+Peak memory is the peak resident set size of a fresh child process running 20 steps of one model,
+and its growth over the steps (on CUDA: ``torch.cuda.max_memory_allocated``). Results go to the
+"train-step" section of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -51,17 +51,28 @@ def make_step(name: str, batch: int, device: torch.device, seed: int = 0):
     return step
 
 
-def peak_memory_mb(name: str, batch: int, device: torch.device) -> float:
-    """Peak memory of 20 steps of one model, measured in a fresh process so the two don't mix."""
-    code = (
-        "import resource, sys, torch; sys.path.insert(0, %r); from bench_train_step import make_step;"
-        "dev = torch.device(%r); s = make_step(%r, %d, dev)\n"
-        "for _ in range(20): s()\n"
-        "print(torch.cuda.max_memory_allocated() / 2**20 if dev.type == 'cuda' else "
-        "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
-    ) % (str(Path(__file__).parent), str(device), name, batch)
+_MEMORY_PROBE = """
+import resource, sys, torch
+sys.path.insert(0, {here!r})
+from bench_train_step import make_step
+dev = torch.device({device!r})
+step = make_step({name!r}, {batch}, dev)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+for _ in range(20):
+    step()
+if dev.type == "cuda":
+    print(torch.cuda.max_memory_allocated() / 2**20, 0.0)
+else:
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, base)
+"""
+
+
+def peak_memory_mb(name: str, batch: int, device: torch.device) -> tuple[float, float]:
+    """(peak, peak before the first step) in MB for 20 steps of one model, in a fresh process."""
+    code = _MEMORY_PROBE.format(here=str(Path(__file__).parent), device=str(device), name=name, batch=batch)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    peak, base = map(float, out.stdout.split())
+    return peak, base
 
 
 def main() -> int:
@@ -93,21 +104,27 @@ def main() -> int:
     result = {"median_s": med, "ratio": ratio, "peak_mb": mem, "reps": args.reps, "batch": args.batch,
               "threads": threads}
     print(json.dumps(result, indent=2))
-    rows = ["| model | median step (ms) | IQR (ms) | images/s | peak memory (MB) |", "|---|---|---|---|---|"]
+    rows = ["| model | median step (ms) | IQR (ms) | images/s | peak RSS (MB) | added by 20 steps (MB) |",
+            "|---|---|---|---|---|---|"]
     for name in VARIANTS:
-        rows.append(f"| MNISTconv {name} | {1e3 * med[name]:.1f} | {1e3 * q[name][0]:.1f}–{1e3 * q[name][2]:.1f} | "
-                    f"{args.batch / med[name]:.0f} | {mem[name]:.0f} |")
-    mem_kind = "CUDA max allocated" if device.type == "cuda" else "peak RSS of a fresh process running 20 steps"
+        rows.append(f"| MNISTconv {name} | {1e3 * med[name]:.1f} | "
+                    f"{1e3 * q[name][0]:.1f}–{1e3 * q[name][2]:.1f} | {args.batch / med[name]:.0f} | "
+                    f"{mem[name][0]:.0f} | {mem[name][0] - mem[name][1]:.0f} |")
+    mem_kind = ("CUDA max allocated" if device.type == "cuda" else
+                "peak RSS of a fresh process running 20 steps (includes the torch import), and how much "
+                "it grew during the 20 steps")
     body = "\n".join([
         "## Training step: MNISTconv a4w2 vs full precision",
         "",
-        "Command: `flock /tmp/qrobust-heavy.lock env OMP_NUM_THREADS=2 python benchmarks/bench_train_step.py`",
+        "Command: `flock /tmp/qrobust-heavy.lock env OMP_NUM_THREADS=2 python "
+        "benchmarks/bench_train_step.py`",
         "",
-        f"Protocol: one step = zero_grad + forward + cross-entropy + backward + Adam, batch {args.batch} of random "
-        f"28x28 pixels; {args.warmup} warm-up steps, then {args.reps} timed steps per model, interleaved "
-        f"(FP, a4w2, a4w2, FP, ...) in one process; median and interquartile range. Device {device}, "
-        f"{threads} threads, torch {torch.__version__}, {platform.processor() or platform.machine()}. "
-        f"Memory: {mem_kind}. The machine is shared, so absolute times vary; the ratio is the figure of merit.",
+        f"Protocol: one step = zero_grad + forward + cross-entropy + backward + Adam, batch {args.batch} of "
+        f"random 28x28 pixels; {args.warmup} warm-up steps, then {args.reps} timed steps per model, "
+        "interleaved (FP, a4w2, a4w2, FP, ...) in one process; median and interquartile range. Device "
+        f"{device}, {threads} threads, torch {torch.__version__}, "
+        f"{platform.processor() or platform.machine()}. Memory: {mem_kind}. The machine is shared, so "
+        "absolute times vary; the ratio is the figure of merit.",
         "",
         *rows,
         "",

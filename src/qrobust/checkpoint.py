@@ -41,24 +41,30 @@ def save_checkpoint(directory: str | os.PathLike, model: nn.Module, info: dict[s
     directory = Path(directory)
     cfg = getattr(model, "qrobust_config", None)
     if cfg is None:
-        raise QrobustError("model was not built with qrobust.models.create_model, so it cannot be rebuilt on load")
+        raise QrobustError("model was not built with qrobust.models.create_model, so it cannot be rebuilt "
+                           "on load")
     if directory.exists() and not overwrite:
-        raise QrobustError(f"checkpoint {directory} already exists; pass --force (overwrite=True) to replace it")
+        raise QrobustError(f"checkpoint {directory} already exists; pass --force (overwrite=True) to replace "
+                           "it")
     parent = directory.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{directory.name}.", suffix=".tmp"))
     except OSError as exc:
-        raise QrobustError(f"cannot write checkpoint into {parent}: {exc.strerror}; choose another --out") from exc
+        raise QrobustError(f"cannot write checkpoint into {parent}: {exc.strerror}; choose another "
+                           "--out") from exc
     try:
-        blob = st_save(_state_tensors(model), metadata={"format": FORMAT})
+        # The weights carry their own model description too, so a config.json edited or swapped to
+        # describe a different model (same tensor shapes, other bits) is detected on load.
+        meta = {"format": FORMAT, "model": json.dumps(cfg, sort_keys=True)}
+        blob = st_save(_state_tensors(model), metadata=meta)
         (tmp / WEIGHTS).write_bytes(blob)
         config = {
+            **(info or {}),  # first, so caller info can never shadow the fields below
             "format": FORMAT,
             "qrobust_version": qrobust.__version__,
             "model": cfg,
             "weights_sha256": hashlib.sha256(blob).hexdigest(),
-            **(info or {}),
         }
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if directory.exists():
@@ -78,7 +84,8 @@ def save_checkpoint(directory: str | os.PathLike, model: nn.Module, info: dict[s
 def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     directory = Path(directory)
     if not directory.is_dir():
-        raise QrobustError(f"checkpoint {directory} does not exist (expected a directory with {WEIGHTS} and {CONFIG})")
+        raise QrobustError(f"checkpoint {directory} does not exist (expected a directory with {WEIGHTS} and "
+                           f"{CONFIG})")
     path = directory / CONFIG
     if not path.is_file():
         raise QrobustError(f"checkpoint {directory} has no {CONFIG}; it was not written by qrobust")
@@ -88,7 +95,23 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
         raise QrobustError(f"{path} is not valid JSON ({exc}); the checkpoint is corrupt") from exc
     if not isinstance(config, dict) or config.get("format") != FORMAT or "model" not in config:
         raise QrobustError(f"{path} is not a qrobust checkpoint description (format {FORMAT!r} expected)")
+    spec = config["model"]
+    if not (isinstance(spec, dict) and isinstance(spec.get("name"), str)
+            and isinstance(spec.get("kwargs", {}), dict)):
+        raise QrobustError(f"{path}: field 'model' must be {{\"name\": str, \"kwargs\": {{...}}}}, got "
+                           f"{spec!r}; the checkpoint is corrupt")
     return config
+
+
+def _safetensors_metadata(blob: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors blob (8-byte little-endian header size, then JSON)."""
+    try:
+        size = int.from_bytes(blob[:8], "little")
+        header = json.loads(blob[8 : 8 + size])
+        meta = header.get("__metadata__") or {}
+        return meta if isinstance(meta, dict) else {}
+    except (ValueError, AttributeError):
+        return {}
 
 
 def load_checkpoint(directory: str | os.PathLike, device: torch.device | str = "cpu",
@@ -102,13 +125,24 @@ def load_checkpoint(directory: str | os.PathLike, device: torch.device | str = "
     blob = weights.read_bytes()
     digest = hashlib.sha256(blob).hexdigest()
     if config.get("weights_sha256") not in (None, digest):
-        raise QrobustError(f"{weights} does not match the SHA-256 recorded in {CONFIG}; the file is corrupt or "
-                           "was replaced. Retrain or restore the checkpoint")
+        raise QrobustError(f"{weights} does not match the SHA-256 recorded in {CONFIG}; the file is corrupt "
+                           "or was replaced. Retrain or restore the checkpoint")
     try:
         tensors = st_load(blob)
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise QrobustError(f"{weights} is not a valid safetensors file ({exc})") from exc
     spec = config["model"]
+    saved_spec = _safetensors_metadata(blob).get("model")
+    if saved_spec is not None:
+        try:
+            saved = json.loads(saved_spec)
+        except ValueError:
+            saved = None
+        if saved != spec:
+            raise QrobustError(
+                f"{CONFIG} in {directory} describes {spec.get('name')} {spec.get('kwargs', {})} but the "
+                f"weights were saved for {saved_spec}; restore the original {CONFIG} or retrain"
+            )
     model = create_model(spec["name"], **spec.get("kwargs", {}))
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))

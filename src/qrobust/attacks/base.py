@@ -69,7 +69,8 @@ def is_success(outputs: Tensor, y: Tensor, targeted: bool, confidence: float = 0
     """Per-sample success: argmax != y (untargeted) or == y (targeted), by a margin of ``confidence``."""
     if confidence:
         outputs = outputs.clone()
-        outputs.scatter_add_(1, y[:, None], outputs.new_full((len(y), 1), -confidence if targeted else confidence))
+        shift = outputs.new_full((len(y), 1), -confidence if targeted else confidence)
+        outputs.scatter_add_(1, y[:, None], shift)
     pred = outputs.argmax(1)
     return pred == y if targeted else pred != y
 
@@ -78,9 +79,10 @@ class Attack:
     """Base class: subclasses set ``name`` and implement ``_run(model, x, y, generator)``."""
 
     name: ClassVar[str] = "attack"
+    uses_loss: ClassVar[bool] = True  # False: fixed objective (CW, JSMA), ``loss`` is not recorded
 
-    def __init__(self, *, loss: str | LossFn = "ce", targeted: bool = False, eot_samples: int = 1, seed: int = 0,
-                 bounds: Bounds = (0.0, 1.0)) -> None:
+    def __init__(self, *, loss: str | LossFn = "ce", targeted: bool = False, eot_samples: int = 1,
+                 seed: int = 0, bounds: Bounds = (0.0, 1.0)) -> None:
         self.loss = loss
         self.loss_fn = resolve_loss(loss)
         self.targeted = bool(targeted)
@@ -88,7 +90,7 @@ class Attack:
         self.seed = check_count("seed", seed, minimum=0)
         self.bounds = check_bounds(bounds)
 
-    # -- public -------------------------------------------------------------------------------------------------
+    # -- public --
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor | int | None = None, *,
                  generator: torch.Generator | None = None) -> Tensor:
         """Return adversarial examples for ``x`` (same shape, inside the budget and the bounds).
@@ -109,7 +111,9 @@ class Attack:
     def config(self) -> dict[str, Any]:
         """Settings that reproduce this attack (recorded next to every result)."""
         params = {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "loss_fn"}
-        if callable(params.get("loss")):
+        if not self.uses_loss:
+            params.pop("loss", None)
+        elif callable(params.get("loss")):
             params["loss"] = getattr(params["loss"], "__name__", repr(params["loss"]))
         params["bounds"] = list(self.bounds)
         return {"attack": self.name, **params}
@@ -119,13 +123,14 @@ class Attack:
         cfg.pop("attack")
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in cfg.items())})"
 
-    # -- helpers for subclasses ---------------------------------------------------------------------------------
+    # -- helpers for subclasses --
     def _run(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
         raise NotImplementedError
 
     def _check_input(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor) or not x.is_floating_point():
-            raise QrobustError("x must be a floating-point tensor of images (N, C, H, W) with pixels in the bounds")
+            raise QrobustError("x must be a floating-point tensor of images (N, C, H, W) with pixels in the "
+                               "bounds")
         if x.dim() < 2:
             raise QrobustError(f"x must be a batch (N, ...), got shape {tuple(x.shape)}")
         lo, hi = self.bounds

@@ -33,18 +33,30 @@ class FGSM(LinfAttack):
 
 
 class RandomEpsFGSM(FGSM):
-    """FGSM with a per-example step ``eps_i = min(|N(0, scale)|, eps)``: seed A's ``--adv 2`` training attack.
+    """FGSM with a random step per example, ``eps_i = |TN(0, scale)|`` (normal truncated at 2 * scale).
 
-    Seed A (after Kurakin et al. 2017) drew each example's epsilon from a half-normal distribution so
-    that adversarial training sees a range of strengths; ``eps`` caps the draw (the seed's MAX_EPS).
+    Seed A's ``--adv 2`` training attack (after Kurakin et al. 2017): each example sees a different
+    strength. ``eps`` optionally caps the draw. Seed A itself used ``stddev = (MAX_EPS * 255) // 2 = 255``
+    on [0, 1] images (a pixel-units slip), which turns almost every example into a sign image; pass
+    ``scale=255`` to reproduce that literally.
     """
 
     name = "fgsm_random"
 
-    def __init__(self, eps: float = 0.3, scale: float = 0.15, **kw: Any) -> None:
-        super().__init__(eps, **kw)
-        self.scale = check_positive("scale", scale)
+    def __init__(self, scale: float = 0.15, eps: float | None = None, *, loss: Any = "ce",
+                 targeted: bool = False, eot_samples: int = 1, seed: int = 0,
+                 bounds: tuple[float, float] = (0.0, 1.0)) -> None:
+        scale = check_positive("scale", scale)
+        cap = 2 * scale if eps is None else min(float(eps), 2 * scale)
+        super().__init__(cap, loss=loss, targeted=targeted, eot_samples=eot_samples, seed=seed, bounds=bounds)
+        self.scale = scale
 
     def _step_sizes(self, x: Tensor, generator: torch.Generator) -> Tensor:
-        draw = torch.randn(x.shape[0], generator=generator).abs_().mul_(self.scale).clamp_(max=self.eps)
+        z = torch.randn(x.shape[0], generator=generator)
+        for _ in range(100):  # resample the tails, like tf.truncated_normal
+            out = z.abs() > 2
+            if not out.any():
+                break
+            z[out] = torch.randn(int(out.sum()), generator=generator)
+        draw = z.clamp_(-2, 2).abs_().mul_(self.scale).clamp_(max=self.eps)
         return draw.to(device=x.device, dtype=x.dtype).view(-1, *([1] * (x.dim() - 1)))

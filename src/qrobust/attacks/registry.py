@@ -1,4 +1,4 @@
-"""``create_attack(name, **params)``: build an attack by name, with clear errors for wrong names or settings."""
+"""``create_attack(name, **params)``: build an attack by name; clear errors for wrong names or settings."""
 
 from __future__ import annotations
 
@@ -44,7 +44,8 @@ def create_attack(name: str, **params: Any) -> Attack:
     accepted = attack_params(key)
     unknown = sorted(set(params) - set(accepted))
     if unknown:
-        raise QrobustError(f"attack {key!r} does not take {', '.join(unknown)}; it takes: {', '.join(accepted)}")
+        raise QrobustError(f"attack {key!r} does not take {', '.join(unknown)}; "
+                           f"it takes: {', '.join(accepted)}")
     try:
         return ATTACKS[key](**params)
     except TypeError as exc:  # e.g. a non-numeric value where a number belongs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import NoReturn
 
 
 def positive_int(text: str) -> int:
@@ -36,13 +37,24 @@ def bits(text: str) -> int:
 
 
 def add_device(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda[:N] (default: auto)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda[:N] (default: "
+                                                    "auto)")
 
 
 def add_data(p: argparse.ArgumentParser, default: str | None = "digits") -> None:
     p.add_argument("--data", default=default,
-                   help="digits (embedded, offline), mnist, fashion-mnist, cifar10, a Keras-style .npz, or an "
-                        "ImageFolder directory (default: %(default)s)")
+                   help="digits (embedded, offline), mnist, fashion-mnist, cifar10, a Keras-style .npz, or "
+                        "an ImageFolder directory (default: %(default)s)")
     p.add_argument("--data-root", default=None,
                    help="folder searched for <name>.npz and used by torchvision (default: $QROBUST_DATA_DIR)")
     p.add_argument("--download", action="store_true", help="let torchvision download a named dataset")
+
+
+def one_line_errors(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Make argparse report a bad argument in one line (no usage dump), exit code 2 like QrobustError."""
+
+    def error(message: str) -> NoReturn:
+        p.exit(2, f"error: {p.prog}: {message}; see `{p.prog} --help`\n")
+
+    p.error = error  # type: ignore[method-assign]
+    return p

@@ -5,29 +5,37 @@ from __future__ import annotations
 import argparse
 import json
 
+import torch
+
 from qrobust.checkpoint import load_checkpoint
-from qrobust.cli.common import add_data, add_device, nonneg_int
+from qrobust.cli.common import add_data, add_device, nonneg_int, one_line_errors
 from qrobust.data import check_images, load_dataset
-from qrobust.evaluate import accuracy, wilson_interval
+from qrobust.errors import QrobustError
+from qrobust.evaluate import predict, wilson_interval
 from qrobust.utils import resolve_device
 
 
 def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model, config = load_checkpoint(args.checkpoint, device)
-    data = load_dataset(args.data or config.get("dataset", "digits"), root=args.data_root, download=args.download)
+    spec = args.data or config.get("dataset", "digits")
+    data = load_dataset(spec, root=args.data_root, download=args.download)
     test = data.test.head(args.n) if args.n else data.test
+    if len(test) == 0:
+        raise QrobustError(f"{test.name} holds no images; evaluate on a dataset with a test split")
     x, y = test.tensors(device)
-    check_images(x, tuple(config["model"]["input_shape"]), f"dataset {data.name}")
-    acc = accuracy(model, x, y)
-    lo, hi = wilson_interval(round(acc * len(y)), len(y))
+    check_images(x, tuple(config["model"].get("input_shape", x.shape[1:])), f"dataset {data.name}")
+    with torch.no_grad():
+        pred = predict(model, x)
+    correct = int((pred == y).sum())
+    lo, hi = wilson_interval(correct, len(y))
     print(json.dumps({"checkpoint": args.checkpoint, "dataset": data.name, "samples": len(y),
-                      "clean_accuracy": acc, "ci95": [lo, hi]}))
+                      "clean_accuracy": correct / len(y), "ci95": [lo, hi]}))
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="clean accuracy of a checkpoint")
+    p = one_line_errors(sub.add_parser("eval", help="clean accuracy of a checkpoint"))
     p.add_argument("checkpoint")
     add_data(p, default=None)
     p.add_argument("-n", type=nonneg_int, default=0, help="first N test images (0 = all)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from qrobust.cli.common import one_line_errors
 from qrobust.models import list_models
 
 
@@ -15,5 +16,5 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("models", help="list model families")
+    p = one_line_errors(sub.add_parser("models", help="list model families"))
     p.set_defaults(func=run)

@@ -7,9 +7,11 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 from qrobust.checkpoint import save_checkpoint
-from qrobust.cli.common import add_data, add_device, bits, nonneg_int, positive_int
-from qrobust.data import load_dataset
+from qrobust.cli.common import add_data, add_device, bits, nonneg_int, one_line_errors, positive_int
+from qrobust.data import NAMED, Dataset, load_dataset
 from qrobust.errors import QrobustError
 from qrobust.models import create_model, get_entry
 from qrobust.train import TrainConfig, train
@@ -26,8 +28,8 @@ def model_kwargs(args: argparse.Namespace) -> dict:
         if value is None:
             continue
         if key not in accepted:
-            raise QrobustError(f"model {args.model!r} has no option --{key.replace('_', '-')}; "
-                               f"it takes: {', '.join(sorted(accepted))}")
+            raise QrobustError(f"model {args.model!r} has no option --{key.replace('_', '-')}; it takes: "
+                               f"{', '.join(sorted(accepted))}")
         kwargs[key] = value
     return kwargs
 
@@ -40,27 +42,54 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dropout", type=float, help="dropout rate in [0, 1)")
     p.add_argument("--mc-dropout", dest="mc_dropout", action=argparse.BooleanOptionalAction, default=None,
                    help="keep dropout on at inference")
-    p.add_argument("--sign-ste", choices=("hardtanh", "clip"), help="gradient of sign(): BinaryNet or seed A's clip")
+    p.add_argument("--sign-ste", choices=("hardtanh", "clip"), help="gradient of sign(): BinaryNet or seed "
+                                                                    "A's clip")
+
+
+def data_spec(spec: str) -> str:
+    """The dataset as ``qrobust eval`` can find it again: named datasets by name, files by absolute path."""
+    path = Path(spec)
+    return str(path.resolve()) if spec not in NAMED and path.exists() else spec
+
+
+def check_model_data(model: torch.nn.Module, data: Dataset, model_name: str) -> None:
+    """Refuse a dataset whose image shape or label range does not fit the model, before any training."""
+    entry = get_entry(model_name)
+    if data.image_shape != entry.input_shape:
+        raise QrobustError(f"dataset {data.name} has images of shape {data.image_shape} but {model_name} "
+                           f"expects {entry.input_shape}; pick a matching --model or --data")
+    for split in (data.train, data.test):
+        if len(split) == 0:
+            raise QrobustError(f"{split.name} holds no images; use a dataset with training and test images")
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        classes = model(data.test.head(1).tensors()[0]).shape[1]
+    model.train(was_training)
+    for split in (data.train, data.test):
+        if split.num_classes > classes:
+            raise QrobustError(f"{split.name} has labels up to {split.num_classes - 1} but {model_name} "
+                               f"predicts {classes} classes (0-{classes - 1}); use a dataset with at most "
+                               f"{classes} classes")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.epochs < 0:
         raise QrobustError(f"--epochs must be >= 0, got {args.epochs}")
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      label_smoothing=args.label_smoothing, max_train=args.max_train,
+                      adv_start_epoch=getattr(args, "adv_start_epoch", 0) or 0)
+    cfg.validate()
     out = Path(args.out)
     if out.exists() and not args.force:
-        raise QrobustError(f"checkpoint {out} already exists; pass --force to overwrite it or choose another --out")
+        raise QrobustError(f"checkpoint {out} already exists; pass --force to overwrite it or choose another "
+                           "--out")
     check_writable_dir(out.parent)
     device = resolve_device(args.device)
     seed_everything(args.seed)
     model = create_model(args.model, **model_kwargs(args))
     data = load_dataset(args.data, root=args.data_root, download=args.download)
-    entry = get_entry(args.model)
-    if data.image_shape != entry.input_shape:
-        raise QrobustError(f"dataset {data.name} has images of shape {data.image_shape} but {args.model} expects "
-                           f"{entry.input_shape}; pick a matching --model or --data")
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      label_smoothing=args.label_smoothing, max_train=args.max_train,
-                      adv_start_epoch=getattr(args, "adv_start_epoch", 0) or 0)
+    check_model_data(model, data, args.model)
     adversary = None
     if getattr(args, "adv", None):
         from qrobust.cli.adv import build_adversary
@@ -70,13 +99,14 @@ def run(args: argparse.Namespace) -> int:
     state_dir = out.parent / f".{out.name}.train-state"
 
     def report(rec) -> None:
-        print(f"epoch {rec.epoch:3d}  loss {rec.loss:.4f}  train acc {rec.train_accuracy:.4f}  "
-              f"test acc {rec.test_accuracy:.4f}  {rec.seconds:.1f}s  {rec.images_per_second:.0f} img/s",
+        print(f"epoch {rec.epoch:3d}  loss {rec.loss:.4f}  train acc {rec.train_accuracy:.4f}  test acc "
+              f"{rec.test_accuracy:.4f}  {rec.seconds:.1f}s  {rec.images_per_second:.0f} img/s",
               file=sys.stderr)
 
     result = train(model, data.train, test, cfg, device=device, adversary=adversary, state_dir=state_dir,
                    progress=not args.quiet, on_epoch=report)
-    info = {"dataset": data.name, "train": {**vars(cfg), "device": str(device)}, **result.as_dict(),
+    info = {"dataset": data_spec(args.data), "dataset_name": data.name,
+            "train": {**vars(cfg), "device": str(device)}, **result.as_dict(),
             "test_samples": len(test)}
     if adversary is not None:
         info["adversarial_training"] = getattr(args, "adv_description", args.adv)
@@ -90,16 +120,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a model and save a checkpoint")
+    p = one_line_errors(sub.add_parser("train", help="train a model and save a checkpoint"))
     add_model_options(p)
     add_data(p)
-    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--epochs", type=int, default=15, help="training epochs, >= 0 (default: %(default)s)")
     p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label-smoothing", type=float, default=0.0, help="EMPIR used 0.1 for CIFAR-10")
     p.add_argument("--max-train", type=positive_int, help="use only the first N training images")
-    p.add_argument("--max-test", type=nonneg_int, default=0, help="evaluate on the first N test images (0 = all)")
+    p.add_argument("--max-test", type=nonneg_int, default=0, help="evaluate on the first N test images (0 = "
+                                                                  "all)")
     p.add_argument("--out", required=True, help="checkpoint directory to create")
     p.add_argument("--force", action="store_true", help="overwrite an existing checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

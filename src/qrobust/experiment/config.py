@@ -11,14 +11,16 @@ import copy
 import math
 import os
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomllib
+
 from qrobust.errors import QrobustError
 
-ATTACK_RESERVED = ("name", "label", "eps", "table_eps", "models", "targets", "samples")
+ATTACK_RESERVED = ("name", "label", "eps", "table_eps", "models", "targets", "samples", "labels")
+LABELS = ("pred", "true")
 TARGETS = ("legacy", "adaptive")
 UNBOUNDED_EPS = 1.0  # L-inf radius that covers all of [0, 1]: any image can be reached
 _ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
@@ -68,6 +70,7 @@ class AttackSpec:
     models: list[str] | None = None  # None = every model and ensemble
     targets: list[str] | None = None  # None = the ensemble's own targets
     samples: int | None = None
+    labels: str = "pred"  # what an untargeted attack moves away from: the model's prediction or the truth
 
     @property
     def single_step(self) -> bool:
@@ -154,8 +157,12 @@ class _Checker:
         return value
 
     def number(self, value: Any, path: str, *, minimum: float = 0.0) -> float:
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
-                or value < minimum:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or value < minimum
+        ):
             raise self.fail(path, f"must be a number >= {minimum:g}, got {value!r}")
         return float(value)
 
@@ -168,13 +175,18 @@ class _Checker:
 
 
 def _tname(value: Any) -> str:
-    return {dict: "a table", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
-            float: "a number"}.get(type(value), type(value).__name__) + (f" ({value!r})" if not isinstance(
-                value, dict | list) else "")
+    return {
+        dict: "a table",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+    }.get(type(value), type(value).__name__) + (f" ({value!r})" if not isinstance(value, dict | list) else "")
 
 
 def parse_value(text: str) -> Any:
-    """A ``--set`` value: a TOML literal (``0.3``, ``[0.1, 0.2]``, ``true``, ``"x"``) or else a bare string."""
+    """A ``--set`` value: a TOML literal (``0.3``, ``[0.1, 0.2]``, ``true``, ``"x"``), else a bare string."""
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
@@ -195,8 +207,10 @@ def assign(raw: dict[str, Any], key: str, value: Any) -> None:
         datasets = raw.get("datasets")
         if isinstance(datasets, dict) and datasets:
             if len(datasets) != 1:
-                raise QrobustError(f"--set data=...: the experiment has {len(datasets)} datasets "
-                                   f"({', '.join(datasets)}); use --set datasets.<id>.source=...")
+                raise QrobustError(
+                    f"--set data=...: the experiment has {len(datasets)} datasets "
+                    f"({', '.join(datasets)}); use --set datasets.<id>.source=..."
+                )
             only = next(iter(datasets.values()))
             if isinstance(only, dict):
                 only["source"] = value
@@ -242,21 +256,50 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None, **c
     return parse_config(raw, source=path.name, default_name=path.stem, overrides=overrides, **cli)
 
 
-def parse_config(raw: dict[str, Any], *, source: str = "<config>", default_name: str = "experiment",
-                 overrides: list[str] | None = None, data: str | None = None, data_root: str | None = None,
-                 output: str | None = None, device: str | None = None, samples: int | None = None,
-                 ) -> ExperimentConfig:
+def parse_config(
+    raw: dict[str, Any],
+    *,
+    source: str = "<config>",
+    default_name: str = "experiment",
+    overrides: list[str] | None = None,
+    data: str | None = None,
+    data_root: str | None = None,
+    output: str | None = None,
+    device: str | None = None,
+    samples: int | None = None,
+) -> ExperimentConfig:
     raw = copy.deepcopy(raw)
     for assignment in overrides or []:
         apply_override(raw, assignment)
     if data is not None:
         assign(raw, "data", data)
-    for key, value in (("data_root", data_root), ("output", output), ("device", device), ("samples", samples)):
+    for key, value in (
+        ("data_root", data_root),
+        ("output", output),
+        ("device", device),
+        ("samples", samples),
+    ):
         if value is not None:
             raw[key] = value
     c = _Checker(source)
-    top = ("name", "output", "seed", "samples", "batch_size", "device", "data", "data_root", "zoo", "train",
-           "datasets", "models", "ensembles", "attacks", "detection", "sanity")
+    top = (
+        "name",
+        "output",
+        "seed",
+        "samples",
+        "batch_size",
+        "device",
+        "data",
+        "data_root",
+        "zoo",
+        "train",
+        "datasets",
+        "models",
+        "ensembles",
+        "attacks",
+        "detection",
+        "sanity",
+    )
     c.unknown(raw, top, "")
     name = c.string(raw.get("name", default_name), "name")
     output = c.string(raw.get("output", str(Path("runs") / name)), "output")
@@ -282,8 +325,25 @@ def parse_config(raw: dict[str, Any], *, source: str = "<config>", default_name:
             sanity[k] = c.number(v, f"sanity.{k}")
     if not models:
         raise c.fail("models", "the experiment needs at least one [[models]] entry")
-    return ExperimentConfig(name, source, output, seed, n_samples, batch_size, device, data_root, zoo, train,
-                            datasets, models, ensembles, attacks, detection, sanity, raw)
+    return ExperimentConfig(
+        name,
+        source,
+        output,
+        seed,
+        n_samples,
+        batch_size,
+        device,
+        data_root,
+        zoo,
+        train,
+        datasets,
+        models,
+        ensembles,
+        attacks,
+        detection,
+        sanity,
+        raw,
+    )
 
 
 def _train_table(c: _Checker, value: Any, path: str) -> dict[str, Any]:
@@ -310,7 +370,7 @@ def _datasets(c: _Checker, raw: dict[str, Any]) -> dict[str, DatasetSpec]:
     out: dict[str, DatasetSpec] = {}
     if "datasets" in raw:
         if "data" in raw:
-            raise c.fail("data", "give either data = \"...\" or [datasets.<id>] tables, not both")
+            raise c.fail("data", 'give either data = "..." or [datasets.<id>] tables, not both')
         table = c.table(raw["datasets"], "datasets")
         for key, value in table.items():
             path = f"datasets.{key}"
@@ -318,11 +378,17 @@ def _datasets(c: _Checker, raw: dict[str, Any]) -> dict[str, DatasetSpec]:
             spec = c.table(value, path)
             c.unknown(spec, ("source", "train_samples"), path)
             if "source" not in spec:
-                raise c.fail(f"{path}.source", "missing; digits, mnist, cifar10, a .npz path or an ImageFolder")
+                raise c.fail(
+                    f"{path}.source", "missing; digits, mnist, cifar10, a .npz path or an ImageFolder"
+                )
             train_samples = spec.get("train_samples")
-            out[key] = DatasetSpec(key, c.string(spec["source"], f"{path}.source"),
-                                   c.integer(train_samples, f"{path}.train_samples", minimum=1)
-                                   if train_samples is not None else None)
+            out[key] = DatasetSpec(
+                key,
+                c.string(spec["source"], f"{path}.source"),
+                c.integer(train_samples, f"{path}.train_samples", minimum=1)
+                if train_samples is not None
+                else None,
+            )
     else:
         source = c.string(raw.get("data", "digits"), "data")
         out["data"] = DatasetSpec("data", source)
@@ -348,8 +414,11 @@ def _models(c: _Checker, value: Any, datasets: dict[str, DatasetSpec]) -> list[M
         seen.add(name)
         sources = [k for k in ("arch", "recipe", "checkpoint") if k in t]
         if len(sources) != 1:
-            raise c.fail(path, "give exactly one of arch = \"...\" (train here), recipe = \"...\" (a named "
-                               f"recipe) or checkpoint = \"path\"; got {', '.join(sources) or 'none'}")
+            raise c.fail(
+                path,
+                'give exactly one of arch = "..." (train here), recipe = "..." (a named '
+                f'recipe) or checkpoint = "path"; got {", ".join(sources) or "none"}',
+            )
         ds = t.get("dataset")
         if ds is None:
             if len(datasets) != 1:
@@ -369,15 +438,19 @@ def _models(c: _Checker, value: Any, datasets: dict[str, DatasetSpec]) -> list[M
             spec.options = dict(c.table(t.get("options", {}), f"{path}.options"))
             bad = sorted(set(spec.options) - set(accepted))
             if bad:
-                raise c.fail(f"{path}.options.{bad[0]}",
-                             f"{spec.arch} does not take this option; it takes: {', '.join(sorted(accepted))}")
+                raise c.fail(
+                    f"{path}.options.{bad[0]}",
+                    f"{spec.arch} does not take this option; it takes: {', '.join(sorted(accepted))}",
+                )
             spec.train = _train_table(c, t.get("train", {}), f"{path}.train")
         elif "recipe" in t:
             from qrobust.recipes import RECIPES
 
             spec.recipe = c.string(t["recipe"], f"{path}.recipe")
             if spec.recipe not in RECIPES:
-                raise c.fail(f"{path}.recipe", f"unknown recipe {spec.recipe!r}; known: {', '.join(sorted(RECIPES))}")
+                raise c.fail(
+                    f"{path}.recipe", f"unknown recipe {spec.recipe!r}; known: {', '.join(sorted(RECIPES))}"
+                )
             for k in ("options",):
                 if k in t:
                     raise c.fail(f"{path}.{k}", "a recipe fixes the model; use arch = ... to change options")
@@ -407,23 +480,36 @@ def _ensembles(c: _Checker, value: Any, models: list[ModelSpec]) -> list[Ensembl
             raise c.fail(f"{path}.name", f"{name!r} is already the name of a model or ensemble")
         names.add(name)
         if "members" not in t:
-            raise c.fail(f"{path}.members", "missing; list the member model names, e.g. [\"a4w2_1\", \"a4w2_2\", \"fp\"]")
+            raise c.fail(
+                f"{path}.members", 'missing; list the member model names, e.g. ["a4w2_1", "a4w2_2", "fp"]'
+            )
         members = c.names(t["members"], f"{path}.members")
         if len(members) < 2:
             raise c.fail(f"{path}.members", "an ensemble needs at least two members")
         for m in members:
             if m not in {x.name for x in models}:
-                raise c.fail(f"{path}.members", f"{m!r} is not a model name; models: "
-                                                f"{', '.join(x.name for x in models)}")
+                raise c.fail(
+                    f"{path}.members",
+                    f"{m!r} is not a model name; models: {', '.join(x.name for x in models)}",
+                )
         datasets = {next(x for x in models if x.name == m).dataset for m in members}
         if len(datasets) > 1:
-            raise c.fail(f"{path}.members", f"members come from different datasets ({', '.join(sorted(datasets))})")
+            raise c.fail(
+                f"{path}.members", f"members come from different datasets ({', '.join(sorted(datasets))})"
+            )
         targets = c.names(t.get("targets", list(TARGETS)), f"{path}.targets")
         bad = [x for x in targets if x not in TARGETS]
         if bad:
             raise c.fail(f"{path}.targets", f"unknown target {bad[0]!r}; use {' or '.join(TARGETS)}")
-        out.append(EnsembleSpec(name, members, targets, dict(c.table(t.get("options", {}), f"{path}.options")),
-                                c.string(t.get("label", name), f"{path}.label")))
+        out.append(
+            EnsembleSpec(
+                name,
+                members,
+                targets,
+                dict(c.table(t.get("options", {}), f"{path}.options")),
+                c.string(t.get("label", name), f"{path}.label"),
+            )
+        )
     return out
 
 
@@ -475,15 +561,24 @@ def _attacks(c: _Checker, value: Any, targets: list[str]) -> list[AttackSpec]:
         models = c.names(t["models"], f"{path}.models") if "models" in t else None
         for m in models or []:
             if m not in targets:
-                raise c.fail(f"{path}.models", f"{m!r} is not a model or ensemble; known: {', '.join(targets)}")
+                raise c.fail(
+                    f"{path}.models", f"{m!r} is not a model or ensemble; known: {', '.join(targets)}"
+                )
         tg = c.names(t["targets"], f"{path}.targets") if "targets" in t else None
         for x in tg or []:
             if x not in TARGETS:
                 raise c.fail(f"{path}.targets", f"unknown target {x!r}; use {' or '.join(TARGETS)}")
         samples = c.integer(t["samples"], f"{path}.samples", minimum=1) if "samples" in t else None
+        labels_mode = t.get("labels", "pred")
+        if labels_mode not in LABELS:
+            raise c.fail(
+                f"{path}.labels",
+                f'must be "pred" (the model\'s own predictions, as the seeds did) or '
+                f'"true", got {labels_mode!r}',
+            )
         params = {k: v for k, v in t.items() if k not in ATTACK_RESERVED}
         _check_attack(c, name, params, finite[0] if finite else None, path)
-        out.append(AttackSpec(name, label, eps, table_eps, params, models, tg, samples))
+        out.append(AttackSpec(name, label, eps, table_eps, params, models, tg, samples, labels_mode))
     return out
 
 
@@ -504,8 +599,9 @@ def _check_attack(c: _Checker, name: str, params: dict[str, Any], eps: float | N
         raise c.fail(path, f"bad parameters for {name}: {exc}") from exc
 
 
-def _detection(c: _Checker, value: Any, models: list[ModelSpec], attacks: list[AttackSpec]
-               ) -> DetectionSpec | None:
+def _detection(
+    c: _Checker, value: Any, models: list[ModelSpec], attacks: list[AttackSpec]
+) -> DetectionSpec | None:
     if value is None:
         return None
     t = c.table(value, "detection")

@@ -15,7 +15,8 @@ from qrobust.quant import FULL_PRECISION, DoReFaActivation, DoReFaWeight, QuantC
 
 
 def _qconv(cin: int, cout: int, k: int, *, wbits: int, abits: int, **kw) -> QuantConv2d:
-    return QuantConv2d(cin, cout, k, weight_quant=DoReFaWeight(wbits), input_quant=DoReFaActivation(abits), **kw)
+    return QuantConv2d(cin, cout, k, weight_quant=DoReFaWeight(wbits), input_quant=DoReFaActivation(abits),
+                       **kw)
 
 
 def _init_std(wbits: int, abits: int) -> float:
@@ -45,13 +46,15 @@ class MNISTConv(nn.Module):
 
 
 @register_model("mnistconv", input_shape=(1, 28, 28), description="EMPIR MNISTconv (DoReFa wbits/abits)")
-def mnistconv(*, wbits: int = 32, abits: int = 32, dropout: float = 0.0, mc_dropout: bool = False) -> nn.Module:
+def mnistconv(*, wbits: int = 32, abits: int = 32, dropout: float = 0.0,
+              mc_dropout: bool = False) -> nn.Module:
     return MNISTConv(wbits=check_bits(wbits, "wbits"), abits=check_bits(abits, "abits"), dropout=dropout,
                      mc_dropout=mc_dropout)
 
 
 class CIFARConv(nn.Module):
-    """cifar10_quick-like: conv32-maxpool-ReLU, conv32-ReLU-avgpool, conv64-ReLU-avgpool, FC64 (linear), FC10."""
+    """cifar10_quick-like: conv32-maxpool-ReLU, conv32-ReLU-avgpool, conv64-ReLU-avgpool, FC64 (linear),
+    FC10."""
 
     def __init__(self, *, wbits: int, abits: int, dropout: float, mc_dropout: bool, num_classes: int = 10):
         super().__init__()
@@ -77,7 +80,8 @@ class CIFARConv(nn.Module):
 
 
 @register_model("cifarconv", input_shape=(3, 32, 32), description="EMPIR CIFARconv (DoReFa wbits/abits)")
-def cifarconv(*, wbits: int = 32, abits: int = 32, dropout: float = 0.0, mc_dropout: bool = False) -> nn.Module:
+def cifarconv(*, wbits: int = 32, abits: int = 32, dropout: float = 0.0,
+              mc_dropout: bool = False) -> nn.Module:
     return CIFARConv(wbits=check_bits(wbits, "wbits"), abits=check_bits(abits, "abits"), dropout=dropout,
                      mc_dropout=mc_dropout)
 

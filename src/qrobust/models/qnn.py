@@ -48,7 +48,7 @@ class SeedANet(nn.Module):
             side = 24
         else:
             if scheme == "kbit":
-                wq, aq, wq3, aq3 = SeedAQuantizer(bits), SeedAQuantizer(bits), SeedAQuantizer(bits), SeedAQuantizer(bits)
+                wq, aq, wq3, aq3 = (SeedAQuantizer(bits) for _ in range(4))
             else:
                 wq, aq = SignBinarizer(sign_ste), SignBinarizer(sign_ste)
                 aq3 = SignBinarizer(sign_ste)

@@ -9,7 +9,7 @@ from qrobust.quant.quantizers import Identity
 
 
 class QuantConv2d(nn.Conv2d):
-    """Conv2d whose weights (and bias) pass through ``weight_quant`` and whose input passes ``input_quant``."""
+    """Conv2d whose weights (and bias) pass through ``weight_quant``, its input through ``input_quant``."""
 
     def __init__(
         self,

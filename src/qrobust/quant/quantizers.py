@@ -28,10 +28,59 @@ def round_ste(x: Tensor) -> Tensor:
     return x + (torch.round(x) - x).detach()
 
 
+class _AffineRoundSTE(torch.autograd.Function):
+    """``scale * round(x * n) / n + shift`` with the gradient of ``scale * x + shift`` (STE).
+
+    One fused function instead of the ``x + (round(x) - x).detach()`` composite: fewer temporaries,
+    same values. The backward pass performs exactly the operations autograd performs on the composite
+    ``scale * round_ste(x * n) / n + shift`` (``((g * scale) / n) * n``), so gradients are bit-identical.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, n: float, scale: float, shift: float) -> Tensor:  # type: ignore[override]
+        ctx.n, ctx.scale = n, scale
+        out = torch.mul(x, n).round_().div_(n)
+        if scale != 1.0:
+            out.mul_(scale)
+        if shift != 0.0:
+            out.add_(shift)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        g = grad * ctx.scale if ctx.scale != 1.0 else grad
+        return torch.div(g, ctx.n).mul_(ctx.n), None, None, None
+
+
+class _ClampQuantizeUnitSTE(torch.autograd.Function):
+    """DoReFa activation ``round(clip(x, 0, 1) * n) / n``: rounding STE, clip gradient as in TensorFlow.
+
+    TensorFlow's ``clip_by_value`` passes the gradient at the boundaries (0 <= x <= 1), the seeds'
+    behaviour; ``torch.clamp`` (torch >= 2.x) zeroes it there, which would mask the input gradient of
+    every pixel that is exactly 0 or 1 (most of an MNIST image) for attacks on EMPIR models.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, n: float) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        ctx.n = n
+        return torch.clamp(x, 0.0, 1.0).mul_(n).round_().div_(n)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        g = torch.div(grad, ctx.n).mul_(ctx.n)
+        inside = (x >= 0.0).logical_and_(x <= 1.0)
+        return torch.where(inside, g, 0.0), None
+
+
+def _levels(bits: int) -> float:
+    return float(2**bits - 1)
+
+
 def quantize_unit(x: Tensor, bits: int) -> Tensor:
     """DoReFa Q_k on [0, 1]: round(x * n) / n with n = 2^k - 1 levels above zero (STE)."""
-    n = float(2**bits - 1)
-    return round_ste(x * n) / n
+    return _AffineRoundSTE.apply(x, _levels(bits), 1.0, 0.0)
 
 
 class Identity(nn.Module):
@@ -55,14 +104,19 @@ class DoReFaWeight(nn.Module):
             return w
         t = torch.tanh(w)
         t = t / (2 * t.abs().max().clamp_min(1e-12)) + 0.5
-        return 2 * quantize_unit(t, self.bits) - 1
+        # = 2 * quantize_unit(t) - 1, fused (same values and gradients, fewer temporaries).
+        return _AffineRoundSTE.apply(t, _levels(self.bits), 2.0, -1.0)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}"
 
 
 class DoReFaActivation(nn.Module):
-    """DoReFa k-bit activations: Q_k(clip(x, 0, 1)); the clip has its normal gradient, rounding is STE."""
+    """DoReFa k-bit activations: Q_k(clip(x, 0, 1)); rounding is STE, the clip has TensorFlow's gradient.
+
+    The gradient is 1 on [0, 1] *including* the boundaries (as ``tf.clip_by_value`` in the seeds), and 0
+    outside; pixels at exactly 0 or 1 thus keep their input gradient.
+    """
 
     def __init__(self, bits: int) -> None:
         super().__init__()
@@ -71,7 +125,8 @@ class DoReFaActivation(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.bits == FULL_PRECISION:
             return x
-        return quantize_unit(torch.clamp(x, 0.0, 1.0), self.bits)
+        # = quantize_unit(torch.clamp(x, 0, 1)), fused (same values and gradients, fewer temporaries).
+        return _ClampQuantizeUnitSTE.apply(x, _levels(self.bits))
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}"
@@ -122,10 +177,28 @@ class SignBinarizer(nn.Module):
         return f"ste={self.ste}"
 
 
+class _SeedAQuantizeSTE(torch.autograd.Function):
+    """clip(round(x * s) / s, -1, 1); gradient 1 where the rounded value lies in [-1, 1] (TF clip), else 0."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, s: float) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        ctx.s = s
+        return torch.mul(x, s).round_().div_(s).clamp_(-1.0, 1.0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        r = torch.mul(x, ctx.s).round_().div_(ctx.s)
+        inside = (r >= -1.0).logical_and_(r <= 1.0)
+        return torch.where(inside, grad, 0.0), None
+
+
 class SeedAQuantizer(nn.Module):
     """Seed A's k-bit quantizer: clip(round(x * 2^(k-1)) / 2^(k-1), -1, 1) -> 2^k + 1 levels on [-1, 1].
 
-    Rounding is straight-through; the clip keeps its normal gradient.
+    Rounding is straight-through; the clip keeps TensorFlow's gradient (passed on [-1, 1], boundaries
+    included, unlike ``torch.clamp``), so a value rounded to exactly +-1 still gets a gradient.
     """
 
     def __init__(self, bits: int) -> None:
@@ -135,8 +208,7 @@ class SeedAQuantizer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.bits == FULL_PRECISION:
             return x
-        scale = float(2 ** (self.bits - 1))
-        return torch.clamp(round_ste(x * scale) / scale, -1.0, 1.0)
+        return _SeedAQuantizeSTE.apply(x, float(2 ** (self.bits - 1)))
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}"
@@ -145,6 +217,21 @@ class SeedAQuantizer(nn.Module):
 def hard_sigmoid(x: Tensor) -> Tensor:
     """clip((x + 1) / 2, 0, 1), the BinaryConnect hard sigmoid."""
     return torch.clamp((x + 1.0) / 2.0, 0.0, 1.0)
+
+
+class _StochasticBinarySTE(torch.autograd.Function):
+    """Forward: exactly +-1 (2 * Bernoulli(p) - 1); backward: the gradient of 2 * hard_sigmoid(w) - 1."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor, generator: torch.Generator | None) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(w)
+        return torch.bernoulli(hard_sigmoid(w), generator=generator).mul_(2.0).sub_(1.0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (w,) = ctx.saved_tensors
+        inside = (w >= -1.0).logical_and_(w <= 1.0)  # TF clip gradient: boundaries included
+        return torch.where(inside, grad, 0.0), None
 
 
 class StochasticBinaryWeight(nn.Module):
@@ -161,10 +248,9 @@ class StochasticBinaryWeight(nn.Module):
         self.generator: torch.Generator | None = None
 
     def forward(self, w: Tensor) -> Tensor:
-        p = hard_sigmoid(w)
-        sample = torch.bernoulli(p.detach(), generator=self.generator)
-        expected = 2 * p - 1
-        return expected + (2 * sample - 1 - expected).detach()
+        # A custom function rather than ``expected + (sample - expected).detach()``: that composite is
+        # not exactly +-1 in floating point (e.g. 0.99999994), so the weights would not be binary.
+        return _StochasticBinarySTE.apply(w, self.generator)
 
 
 class ScaledReLU(nn.Module):

@@ -1,0 +1,7 @@
+"""``python -m qrobust`` runs the ``qrobust`` command."""
+
+import sys
+
+from qrobust.cli import main
+
+sys.exit(main())

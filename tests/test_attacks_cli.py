@@ -1,0 +1,63 @@
+"""``qrobust attack`` and ``qrobust train --adv`` end to end on the embedded digits."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from qrobust.cli import main
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ck") / "fgsm_trained"
+    rc = main(["train", "--model", "mnistconv", "--data", "digits", "--epochs", "1", "--max-train", "600",
+               "--max-test", "50", "--adv", "fgsm", "--adv-eps", "0.1", "--out", str(out), "--quiet"])
+    assert rc == 0
+    return out
+
+
+def test_train_records_adversarial_training(checkpoint):
+    config = json.loads((checkpoint / "config.json").read_text())
+    record = config["adversarial_training"]
+    assert record["kind"] == "fgsm" and record["eps"] == 0.1
+
+
+def test_attack_cli_outputs(checkpoint, tmp_path, capsys):
+    out_json, out_npz = tmp_path / "r.json", tmp_path / "adv.npz"
+    rc = main(["attack", str(checkpoint), "--attack", "bim", "--eps", "0.2", "--alpha", "0.05",
+               "--steps", "5", "-n", "40", "--json-out", str(out_json), "--save-adv", str(out_npz),
+               "--quiet"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "adversarial accuracy" in printed and "success rate" in printed
+    record = json.loads(out_json.read_text())
+    assert record["n"] == 40 and record["params"]["attack"] == "bim" and record["params"]["eps"] == 0.2
+    assert record["labels"] == "pred"
+    assert 0 <= record["adversarial_accuracy"] <= record["clean_accuracy"] + 0.1
+    with np.load(out_npz) as z:
+        assert z["x_adv"].shape == (40, 1, 28, 28)
+        assert z["x_adv"].min() >= 0 and z["x_adv"].max() <= 1
+        assert np.abs(z["x_adv"] - z["x"]).max() <= 0.2 + 1e-6
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--attack", "pgd", "--theta", "1"], "--theta does not apply"),
+    (["--attack", "fgsm", "--cw-c", "1"], "--cw-c does not apply"),
+    (["--attack", "pgd", "--eps", "-1"], "eps"),
+    (["--attack", "jsma", "--gamma", "2"], "gamma"),
+    (["--attack", "fgsm", "--target", "12"], "not a class"),
+])
+def test_attack_cli_errors(checkpoint, capsys, argv, message):
+    assert main(["attack", str(checkpoint), "-n", "5", "--quiet", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_attack_cli_targeted_and_jsma(checkpoint, tmp_path):
+    out_json = tmp_path / "t.json"
+    assert main(["attack", str(checkpoint), "--attack", "jsma", "--gamma", "0.05", "--target", "3",
+                 "-n", "10", "--json-out", str(out_json), "--quiet"]) == 0
+    record = json.loads(out_json.read_text())
+    assert record["params"]["targeted"] is True and record["mean_linf"] <= 1.0

@@ -1,0 +1,138 @@
+"""Checkpoints: exact round trips, no silent overwrite, and clear refusals of corrupt or mismatched files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save as st_save
+
+from qrobust.checkpoint import CONFIG, WEIGHTS, load_checkpoint, read_config, save_checkpoint
+from qrobust.errors import QrobustError
+from qrobust.models import create_model
+
+
+def _model(name="mnistconv", seed=0, **kw):
+    torch.manual_seed(seed)
+    return create_model(name, **kw)
+
+
+@pytest.mark.parametrize(("name", "kwargs"), [("mnistconv", {"wbits": 2, "abits": 4}), ("cifarconv", {}),
+                                              ("qnn_bnn", {}), ("qnn_kbit", {"bits": 3})])
+def test_round_trip_identical_logits(tmp_path, name, kwargs):
+    model = _model(name, **kwargs)
+    shape = model.qrobust_config["input_shape"]
+    x = torch.rand(4, *shape)
+    if any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()):
+        model.train()
+        model(torch.rand(8, *shape))  # move BN running statistics away from their defaults
+    model.eval()
+    expected = model(x)
+    save_checkpoint(tmp_path / "ck", model, {"note": "hi"})
+    loaded, config = load_checkpoint(tmp_path / "ck")
+    assert not loaded.training
+    assert torch.equal(loaded(x), expected)
+    assert config["model"] == model.qrobust_config and config["note"] == "hi"
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == [CONFIG, WEIGHTS]
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]  # no temporary leftovers
+
+
+def test_config_fields_cannot_be_shadowed(tmp_path):
+    model = _model()
+    info = {"model": "evil", "format": "x", "weights_sha256": "0", "acc": 0.5}
+    save_checkpoint(tmp_path / "ck", model, info)
+    cfg = read_config(tmp_path / "ck")
+    assert cfg["model"]["name"] == "mnistconv" and cfg["format"] == "qrobust-checkpoint/1"
+    assert cfg["acc"] == 0.5
+    load_checkpoint(tmp_path / "ck")  # the real SHA-256 is recorded
+
+
+def test_no_overwrite_without_permission(tmp_path):
+    a, b = _model(seed=0), _model(seed=1)
+    save_checkpoint(tmp_path / "ck", a)
+    before = (tmp_path / "ck" / WEIGHTS).read_bytes()
+    with pytest.raises(QrobustError, match="already exists.*--force"):
+        save_checkpoint(tmp_path / "ck", b)
+    assert (tmp_path / "ck" / WEIGHTS).read_bytes() == before
+    save_checkpoint(tmp_path / "ck", b, overwrite=True)
+    loaded, _ = load_checkpoint(tmp_path / "ck")
+    assert torch.equal(loaded.classifier.weight, b.classifier.weight)
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]
+
+
+def test_save_refusals(tmp_path):
+    with pytest.raises(QrobustError, match="create_model"):
+        save_checkpoint(tmp_path / "x", torch.nn.Linear(2, 2))
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(QrobustError, match="cannot write checkpoint"):
+        save_checkpoint(tmp_path / "afile" / "ck", _model())
+
+
+@pytest.fixture
+def saved(tmp_path):
+    save_checkpoint(tmp_path / "ck", _model(wbits=2, abits=4))
+    return tmp_path / "ck"
+
+
+def _edit_config(path, fn):
+    cfg = json.loads((path / CONFIG).read_text())
+    fn(cfg)
+    (path / CONFIG).write_text(json.dumps(cfg))
+
+
+def test_corrupt_weights_refused(saved):
+    blob = bytearray((saved / WEIGHTS).read_bytes())
+    blob[-10] ^= 0xFF
+    (saved / WEIGHTS).write_bytes(bytes(blob))
+    with pytest.raises(QrobustError, match="does not match the SHA-256.*corrupt"):
+        load_checkpoint(saved)
+    _edit_config(saved, lambda c: c.pop("weights_sha256"))  # without a digest the header is still checked
+    (saved / WEIGHTS).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(QrobustError, match="not a valid safetensors"):
+        load_checkpoint(saved)
+
+
+def test_missing_and_garbled_files(saved, tmp_path):
+    with pytest.raises(QrobustError, match="does not exist"):
+        load_checkpoint(tmp_path / "nothing")
+    (saved / WEIGHTS).rename(tmp_path / "w")
+    with pytest.raises(QrobustError, match="has no model.safetensors"):
+        load_checkpoint(saved)
+    (saved / CONFIG).write_text("{ broken")
+    with pytest.raises(QrobustError, match="not valid JSON"):
+        read_config(saved)
+    (saved / CONFIG).write_text(json.dumps({"format": "something-else", "model": {}}))
+    with pytest.raises(QrobustError, match="not a qrobust checkpoint"):
+        read_config(saved)
+    (saved / CONFIG).write_text(json.dumps({"format": "qrobust-checkpoint/1", "model": ["mnistconv"]}))
+    with pytest.raises(QrobustError, match="field 'model'"):
+        read_config(saved)
+    (saved / CONFIG).unlink()
+    with pytest.raises(QrobustError, match="has no config.json"):
+        read_config(saved)
+
+
+def test_config_describing_other_model_refused(saved):
+    # same tensor shapes, different quantization: only the description stored in the weights reveals it
+    _edit_config(saved, lambda c: c["model"]["kwargs"].update(wbits=32))
+    with pytest.raises(QrobustError, match=r"describes mnistconv .*'wbits': 32.*weights were saved for"):
+        load_checkpoint(saved)
+    _edit_config(saved, lambda c: c["model"]["kwargs"].update(wbits=0))
+    with pytest.raises(QrobustError):
+        load_checkpoint(saved)
+
+
+def test_shape_mismatch_refused_for_files_without_description(tmp_path):
+    """Weights written without the embedded description (older files) are checked tensor by tensor."""
+    model = _model("mnistconv")
+    save_checkpoint(tmp_path / "ck", model)
+    blob = st_save({k: v.contiguous() for k, v in _model("cifarconv").state_dict().items()})
+    (tmp_path / "ck" / WEIGHTS).write_bytes(blob)
+    _edit_config(tmp_path / "ck", lambda c: c.pop("weights_sha256"))
+    with pytest.raises(QrobustError, match=r"do not match the model described in config.json \(mnistconv"):
+        load_checkpoint(tmp_path / "ck")
+    blob = st_save({k: v.contiguous() for k, v in model.state_dict().items()})
+    (tmp_path / "ck" / WEIGHTS).write_bytes(blob)
+    loaded, _ = load_checkpoint(tmp_path / "ck")  # and still load when they do fit
+    assert torch.equal(loaded.classifier.weight, model.classifier.weight)

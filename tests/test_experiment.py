@@ -1,0 +1,319 @@
+"""Experiment files: validation messages, overrides, hashing, the SQLite store, caching and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from qrobust.errors import QrobustError
+from qrobust.experiment import ResultStore, load_config, parse_config, run_experiment, stable_hash
+from qrobust.experiment.config import apply_override
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+MINIMAL = {
+    "data": "digits",
+    "models": [{"name": "fp", "arch": "mnistconv"}],
+    "attacks": [{"name": "fgsm", "eps": [0, 0.1]}],
+}
+
+
+def _doc(**changes):
+    doc = json.loads(json.dumps(MINIMAL))
+    doc.update(changes)
+    return doc
+
+
+# -- validation -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        (
+            _doc(attacks=[{"name": "fgsm", "eps": 0.1}, {"name": "pgd", "eps": [0.1, -0.2]}]),
+            "quickstart.toml: attacks[1].eps: must be a number or list of numbers >= 0",
+        ),
+        (_doc(attacks=[{"name": "fgsm", "eps": "big"}]), "attacks[0].eps: must be a number or list"),
+        (
+            _doc(attacks=[{"name": "pgd", "eps": 0.3, "stepz": 3}]),
+            "attacks[0]: attack 'pgd' does not take stepz",
+        ),
+        (_doc(attacks=[{"name": "nope", "eps": 0.3}]), "attacks[0]: unknown attack 'nope'"),
+        (_doc(attacks=[{"name": "fgsm", "eps": [0.1, 0.3], "table_eps": 0.2}]), "attacks[0].table_eps"),
+        (_doc(attacks=[{"name": "fgsm", "eps": 0.3, "models": ["ghost"]}]), "attacks[0].models: 'ghost'"),
+        (
+            _doc(models=[{"name": "fp", "arch": "mnistconv", "options": {"wbitz": 2}}]),
+            "models[0].options.wbitz",
+        ),
+        (_doc(models=[{"name": "fp", "arch": "resnet999"}]), "models[0].arch: unknown model 'resnet999'"),
+        (_doc(models=[{"name": "fp"}]), "models[0]: give exactly one of arch"),
+        (
+            _doc(models=[{"name": "fp", "arch": "mnistconv", "train": {"epochs": -1}}]),
+            "models[0].train.epochs",
+        ),
+        (
+            _doc(models=[{"name": "a", "arch": "mnistconv"}, {"name": "a", "arch": "mnistconv"}]),
+            "models[1].name: 'a' is used twice",
+        ),
+        (
+            _doc(ensembles=[{"name": "e", "members": ["fp", "zz"]}]),
+            "ensembles[0].members: 'zz' is not a model",
+        ),
+        (
+            _doc(ensembles=[{"name": "e", "members": ["fp", "fp"], "targets": ["whitebox"]}]),
+            "ensembles[0].targets: unknown target 'whitebox'",
+        ),
+        (
+            _doc(detection={"models": ["fp"], "attacks": ["PGD"]}),
+            "detection.attacks: 'PGD' is not an attack label",
+        ),
+        (_doc(detection={"models": ["fp"], "mc_samples": 1}), "detection.mc_samples"),
+        (_doc(samples=0), "samples: must be a whole number >= 1"),
+        (_doc(colour="blue"), "quickstart.toml: colour: unknown key"),
+        (_doc(sanity={"near_zero": -1}), "sanity.near_zero"),
+    ],
+)
+def test_validation_points_at_the_offending_key(doc, message):
+    with pytest.raises(QrobustError) as err:
+        parse_config(doc, source="quickstart.toml")
+    assert message in str(err.value)
+
+
+def test_load_config_reports_toml_syntax_errors(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("name = \n")
+    with pytest.raises(QrobustError, match="bad.toml: not valid TOML"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("name", ["quickstart", "empir_mnist", "empir_cifar10", "qnn_detection_mnist"])
+def test_shipped_configs_validate(name):
+    cfg = load_config(CONFIGS / f"{name}.toml", data_root="/nonexistent")  # validation needs no data
+    assert cfg.name == name
+    assert cfg.models and cfg.attacks
+    labels = [a.label for a in cfg.attacks]
+    assert len(set(labels)) == len(labels)
+    if name.startswith("empir"):
+        assert [e.targets for e in cfg.ensembles] == [["legacy", "adaptive"]]
+        assert {"FGSM", "BIM", "PGD", "CW"} <= set(labels)
+    if name == "quickstart":
+        assert cfg.datasets["data"].source == "digits"
+        assert cfg.detection is not None and cfg.detection.models == ["mcd"]
+    if name == "qnn_detection_mnist":
+        assert cfg.detection is not None and len(cfg.detection.models) == 5
+
+
+def test_data_override_and_set(tmp_path):
+    cfg = load_config(
+        CONFIGS / "empir_mnist.toml", ["samples=50", "attacks.1.eps=[0.05, 0.2]"], data="/data/mnist.npz"
+    )
+    assert cfg.datasets["mnist"].source == "/data/mnist.npz"
+    assert cfg.samples == 50
+    assert cfg.attacks[1].eps == [0.05, 0.2] and cfg.attacks[1].table_eps == 0.2
+    raw = {"datasets": {"a": {"source": "x"}, "b": {"source": "y"}}}
+    with pytest.raises(QrobustError, match="2 datasets"):
+        apply_override(raw, "data=z")
+    with pytest.raises(QrobustError, match="KEY=VALUE"):
+        apply_override(raw, "samples")
+    with pytest.raises(QrobustError, match="no such list element"):
+        load_config(CONFIGS / "quickstart.toml", ["attacks.7.eps=1"])
+
+
+def test_cli_reports_config_errors(tmp_path, capsys):
+    from qrobust.cli import main
+
+    path = tmp_path / "broken.toml"
+    path.write_text(
+        'data = "digits"\n[[models]]\nname = "fp"\narch = "mnistconv"\n'
+        '[[attacks]]\nname = "fgsm"\neps = 0.1\n[[attacks]]\nname = "pgd"\neps = [-1]\n'
+    )
+    assert main(["run", str(path), "--check"]) == 2
+    assert (
+        "error: broken.toml: attacks[1].eps: must be a number or list of numbers >= 0"
+        in capsys.readouterr().err
+    )
+
+
+# -- hashing and store ----------------------------------------------------------------------------------
+
+
+def test_stable_hash_is_canonical():
+    a = {"eps": 0, "steps": 40, "loss": "ce"}
+    assert stable_hash(a) == stable_hash({"loss": "ce", "steps": 40, "eps": 0.0})
+    assert stable_hash(a) != stable_hash({**a, "eps": 0.1})
+    assert stable_hash([1, 2]) != stable_hash([2, 1])
+
+
+def test_store_commits_units_and_refuses_duplicates(tmp_path):
+    path = tmp_path / "s.sqlite"
+    rec = {
+        "key": "k1",
+        "kind": "attack",
+        "target": "m",
+        "attack": "FGSM",
+        "eps": 0.1,
+        "accuracy": 0.5,
+        "n": 10,
+        "seconds": 0.1,
+        "row": "m",
+    }
+    with ResultStore(path) as store:
+        store.put_result(rec)
+        with pytest.raises(sqlite3.IntegrityError):
+            store.put_result(rec)
+        assert store.count() == 1
+        assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    with ResultStore(path) as store:  # durable across connections
+        assert store.has_result("k1") and not store.has_result("k2")
+        got = store.get_result("k1")
+        assert got["accuracy"] == 0.5 and got["created_at"] > 0
+    (tmp_path / "junk.sqlite").write_text("not a database at all" * 100)
+    with pytest.raises(QrobustError, match="not a qrobust result store"):
+        ResultStore(tmp_path / "junk.sqlite")
+
+
+# -- running, caching, resume ---------------------------------------------------------------------------
+
+TINY = """
+name = "tiny"
+data = "digits"
+samples = {samples}
+seed = 0
+batch_size = 200
+
+[train]
+epochs = 1
+batch_size = 64
+max_train = 300
+
+[[models]]
+name = "fp"
+arch = "mnistconv"
+
+[[attacks]]
+name = "fgsm"
+eps = {fgsm_eps}
+
+[[attacks]]
+name = "pgd"
+eps = {pgd_eps}
+alpha = 0.05
+steps = {steps}
+"""
+
+
+def _write_tiny(
+    path: Path,
+    samples: int = 200,
+    fgsm_eps: str = "[0, 0.05, 0.1, 0.2, 0.3]",
+    pgd_eps: str = "[0, 0.1, 0.2, 0.3, 1.0]",
+    steps: int = 4,
+) -> Path:
+    path.write_text(TINY.format(samples=samples, fgsm_eps=fgsm_eps, pgd_eps=pgd_eps, steps=steps))
+    return path
+
+
+def test_rerun_skips_finished_work_and_new_eps_only_adds_units(tmp_path):
+    cfg_path = _write_tiny(tmp_path / "tiny.toml", samples=60, pgd_eps="[0.1]", steps=2)
+    out = tmp_path / "out"
+    first = run_experiment(load_config(cfg_path, output=str(out)), progress=False, report=False)
+    assert (first.total, first.computed, first.models_trained) == (7, 7, 1)
+    second = run_experiment(load_config(cfg_path, output=str(out)), progress=False, report=False)
+    assert (second.computed, second.skipped, second.models_trained) == (0, 7, 0)
+    assert [r["accuracy"] for r in second.records] == [r["accuracy"] for r in first.records]
+    third = run_experiment(
+        load_config(cfg_path, ["attacks.1.eps=[0.1, 0.2]"], output=str(out)), progress=False, report=False
+    )
+    assert (third.total, third.computed, third.models_trained) == (8, 1, 0)
+    with ResultStore(out / "store.sqlite") as store:
+        assert store.count() == 8 and store.count("models") == 1
+    # A different training setting is a different model: retrained, its results keyed apart.
+    fourth = run_experiment(
+        load_config(cfg_path, ["train.seed=5"], output=str(out)), progress=False, report=False
+    )
+    assert fourth.models_trained == 1 and fourth.computed == 7
+    # Provenance recorded on every row.
+    rec = second.records[3]
+    for key in (
+        "model_hash",
+        "config_hash",
+        "attack_config",
+        "samples",
+        "seed",
+        "qrobust_version",
+        "data_fingerprint",
+    ):
+        assert key in rec, key
+    assert rec["attack_config"]["eps"] == rec["eps"]
+
+
+def _cli(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "qrobust.cli.run", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _rows(db: Path) -> dict[str, tuple[float, float]]:
+    if not db.exists():
+        return {}
+    try:
+        con = sqlite3.connect(db, timeout=5)
+        try:
+            return {k: (acc, t) for k, acc, t in con.execute("SELECT key, accuracy, created_at FROM results")}
+        finally:
+            con.close()
+    except sqlite3.OperationalError:  # schema not created yet
+        return {}
+
+
+def test_sigkill_midway_then_rerun_resumes_without_redoing_work(tmp_path):
+    cfg = _write_tiny(tmp_path / "tiny.toml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    killed_db = tmp_path / "killed" / "store.sqlite"
+    proc = _cli([str(cfg), "--out", "killed", "--quiet"], tmp_path, env)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and len(_rows(killed_db)) < 3:
+        time.sleep(0.05)
+    assert proc.poll() is None, "run finished before it could be killed: " + proc.stderr.read()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    before = _rows(killed_db)
+    assert 3 <= len(before) < 11, len(before)
+
+    resumed = _cli([str(cfg), "--out", "killed", "--quiet"], tmp_path, env)
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
+    summary = json.loads(out.strip().splitlines()[-1])
+    after = _rows(killed_db)
+    assert summary["total"] == len(after) == 11
+    assert summary["computed"] == 11 - len(before) and summary["models_trained"] == 0
+    for key, (acc, created) in before.items():  # finished units untouched (same timestamps)
+        assert after[key] == (acc, created)
+
+    # An uninterrupted run (in-process, one thread like the subprocesses) gives the same numbers.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = run_experiment(load_config(cfg, output=str(tmp_path / "clean")), progress=False, report=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert {r["key"]: r["accuracy"] for r in ref.records} == {k: v[0] for k, v in after.items()}
+    assert (tmp_path / "killed" / "report" / "index.html").is_file()
+    assert "| fp |" in out

@@ -1,0 +1,172 @@
+"""Report tables, figures and index page built from hand-made result records (no models needed)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+from qrobust.report import check_results, detection_table, summary_table, write_report
+from qrobust.report.sanity import slack
+
+
+def _rec(row, attack, eps, acc, *, target=None, n=100, bits="FP", name=None, ensemble=False, kind="attack"):
+    return {
+        "kind": kind,
+        "row": row,
+        "target": target or row.split(" [")[0],
+        "attack": attack,
+        "attack_name": name or attack.lower(),
+        "eps": eps,
+        "accuracy": acc,
+        "n": n,
+        "bits": bits,
+        "ensemble": ensemble,
+        "ci95": [max(0.0, acc - 0.05), min(1.0, acc + 0.05)],
+        "model_hash": "ab" * 32,
+        "key": f"{row}-{attack}-{eps}",
+        "seed": 0,
+        "samples": n,
+        "qrobust_version": "0.1.0",
+        "attack_config": {"attack": attack.lower(), "eps": eps},
+    }
+
+
+def _clean(target, acc, bits="FP", ensemble=False):
+    return _rec(target, "clean", None, acc, kind="clean", bits=bits, ensemble=ensemble, name="clean")
+
+
+def _records():
+    recs = [_clean("fp", 0.99), _clean("q", 0.97, bits="a4w2"), _clean("ens", 0.98, "a4w2/a4w2/FP", True)]
+    for row, bits, ens, curve in [
+        ("fp", "FP", False, [0.99, 0.5, 0.1]),
+        ("q", "a4w2", False, [0.97, 0.6, 0.2]),
+        ("ens [legacy]", "a4w2/a4w2/FP", True, [0.98, 0.8, 0.6]),
+        ("ens [adaptive]", "a4w2/a4w2/FP", True, [0.98, 0.4, 0.05]),
+    ]:
+        for attack in ("FGSM", "PGD"):
+            for eps, acc in zip([0.0, 0.1, 0.3], curve, strict=True):
+                recs.append(
+                    _rec(
+                        row,
+                        attack,
+                        eps,
+                        acc if attack == "FGSM" else acc * 0.5 if eps else acc,
+                        bits=bits,
+                        ensemble=ens,
+                    )
+                )
+    recs.append(_rec("ens [adaptive]", "CW", None, 0.02, bits="a4w2/a4w2/FP", ensemble=True, name="cw"))
+    return recs
+
+
+def _detection(row="mcd", attack="FGSM", auc=0.8):
+    rec = _rec(row, attack, 0.3, 0.3, kind="detection")
+    rec["detection"] = {
+        "auc": auc,
+        "lr_score": 0.75,
+        "clean_accuracy": 0.97,
+        "adv_accuracy": 0.3,
+        "uncertainty_clean": 2e-3,
+        "uncertainty_adv": 1.3e-2,
+        "mc_samples": 50,
+        "roc": {"fpr": [0, 0.2, 1], "tpr": [0, 0.7, 1]},
+    }
+    return rec
+
+
+def test_summary_table_follows_empir_layout():
+    recs = _records()
+    table = summary_table(recs, [("CW", None), ("FGSM", 0.3), ("PGD", 0.3)])
+    assert table.columns[:3] == ["model", "bits", "clean"]
+    assert table.columns[3:7] == ["CW", "FGSM (0.3)", "PGD (0.3)", "average"]
+    rows = {r[0]: r for r in table.rows}
+    assert list(rows) == ["fp", "q", "ens [legacy]", "ens [adaptive]"]
+    # The ensemble's one clean accuracy appears on both of its rows.
+    assert rows["ens [legacy]"][2] == rows["ens [adaptive]"][2] == "98.00"
+    # Average over the attack columns only when every column exists (EMPIR's README convention).
+    assert rows["ens [adaptive]"][3:7] == ["2.00", "5.00", "2.50", "3.17"]
+    assert rows["fp"][3] == "—" and rows["fp"][6] == "—"
+    parsed = list(csv.reader(io.StringIO(table.csv())))
+    assert parsed[0] == table.columns and len(parsed) == 5
+    md = table.markdown().splitlines()
+    assert md[0].startswith("| model | bits | clean | CW") and len(md) >= 6
+    # JSON rows carry the records they were built from (provenance).
+    data = table.as_dict()["rows"][3]
+    assert {r["attack"] for r in data["records"]} == {"clean", "CW", "FGSM", "PGD"}
+    assert all("model_hash" in r and "attack_config" in r for r in data["records"])
+
+
+def test_summary_default_columns_pick_largest_bounded_eps():
+    table = summary_table([r for r in _records() if r["attack"] != "CW"])
+    assert table.columns[3:5] == ["FGSM (0.3)", "PGD (0.3)"]
+
+
+def test_detection_table_and_auc_column():
+    recs = [*_records(), _clean("mcd", 0.97), _detection(), _detection(attack="PGD", auc=0.55)]
+    det = detection_table(recs)
+    assert [r[:2] for r in det.rows] == [["mcd", "FGSM"], ["mcd", "PGD"]]
+    assert det.rows[0][9] == "0.800" and det.rows[0][7] == "0.002"
+    table = summary_table(recs, [("FGSM", 0.3), ("PGD", 0.3)])
+    assert "AUC FGSM" in table.columns and "AUC PGD" in table.columns
+    mcd = next(r for r in table.rows if r[0] == "mcd")
+    assert mcd[table.columns.index("AUC PGD")] == "0.550"
+
+
+def test_write_report_creates_tables_figures_and_index(tmp_path):
+    recs = [*_records(), _clean("mcd", 0.97), _detection()]
+    report = write_report(
+        recs,
+        tmp_path / "rep",
+        columns=[("CW", None), ("FGSM", 0.3), ("PGD", 0.3)],
+        meta={"experiment": "unit"},
+    )
+    names = {p.name for p in report.files}
+    assert {
+        "results.md",
+        "results.csv",
+        "results.json",
+        "results_by_eps.csv",
+        "sanity.md",
+        "detection.md",
+        "index.html",
+        "report.md",
+    } <= names
+    figs = {p.name for p in report.figures}
+    assert figs == {
+        "acc_vs_eps_fgsm.png",
+        "acc_vs_eps_pgd.png",
+        "acc_vs_eps_cw.png",
+        "roc.png",
+        "robustness_vs_bits.png",
+    } - {"acc_vs_eps_cw.png"}
+    for p in report.figures:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    index = (tmp_path / "rep" / "index.html").read_text()
+    for name in figs | {"results.csv", "results.json"}:
+        assert f"href='{name}'" in index
+    data = json.loads((tmp_path / "rep" / "results.json").read_text())
+    assert data["meta"]["experiment"] == "unit" and "sanity" in data
+    # The legacy ensemble row (50% PGD at eps 0.3 but no eps >= 1) is not flagged; nothing here violates.
+    assert report.sanity.ok, report.sanity.violations
+
+
+def test_sanity_flags_show_in_the_table():
+    recs = _records() + [_rec("q", "PGD", 1.0, 0.9, bits="a4w2")]  # accuracy rises and stays high at eps 1
+    report = check_results(recs_with_clean(recs))
+    assert report.flagged_rows() == {"q"}
+    table = summary_table(recs, [("FGSM", 0.3)], sanity=report)
+    status = {r[0]: r[-1] for r in table.rows}
+    assert status["q"] == "**suspected gradient masking**" and status["fp"] == "ok"
+
+
+def recs_with_clean(recs):
+    from qrobust.report.index import sanity_rows
+
+    return sanity_rows(recs)
+
+
+def test_slack_is_sampling_noise():
+    assert slack(0.5, 100) == 0.05
+    assert slack(0.0, 1000) == 2 / 1000
+    assert slack(0.5, 100, tolerance=0.1) == 0.15000000000000002

@@ -180,21 +180,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "mnist.npz"))
     p.add_argument("--doc", default=str(REPO / "docs" / "benchmarks.md"))
-    p.add_argument("--only", nargs="*", help="run only these jobs (no doc update)")
+    p.add_argument("--only", nargs="*", help="run only these jobs (no doc update unless --reuse)")
+    p.add_argument("--reuse", help="log of an earlier run (one result dict per line): keep its results "
+                                   "for the jobs not in --only and write the doc from the merged set")
     args = p.parse_args(argv)
     from qrobust.recipes import ensure_trained
 
     ensure_trained("mnistconv_fp")
     jobs = ["bare", "qrobust_pgd", "torchattacks_pgd", "qrobust_cw", "qrobust_cw_bs5", "art_cw",
             "qrobust_jsma", "qrobust_jsma_target", "art_jsma"]
+    all_jobs = list(jobs)
+    res = {}
+    if args.reuse:
+        import ast
+
+        for line in Path(args.reuse).read_text().splitlines():
+            if line.startswith("{'name'"):
+                r = ast.literal_eval(line)
+                r["reused"] = True
+                res[r["name"]] = r
     if args.only:
         jobs = args.only
-    res = {}
     for name in jobs:
         res[name] = run_job(name, args.threads, args.data)
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in res[name].items()}, flush=True)
-    if args.only:
+    if args.only and not args.reuse:
         return 0
+    jobs = all_jobs
+    rerun = [n for n in jobs if not res[n].get("reused")] if args.reuse else []
 
     def fmt(r: dict, key: str, f: str = "{:.2f}") -> str:
         v = r.get(key)
@@ -268,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         " ".join(notes.split()),
         "",
         "Command: `flock /tmp/qrobust-heavy.lock env OMP_NUM_THREADS=2 python benchmarks/bench_attacks.py`",
+        *([f"(this table: rows {', '.join(rerun)} re-measured in a later run with `--only ... --reuse LOG`"
+           " after a fix; the other rows come from the first run's log)"] if rerun else []),
     ])
     from qrobust.utils import update_marked_section
 

@@ -4,9 +4,9 @@
 
 Both models are timed in the same process with interleaved repetitions (FP, a4w2, FP, a4w2, ...),
 so a busy machine slows both alike; the figure of merit is the ratio of the medians (goal <= 1.5x).
-Peak memory is the peak resident set size of a fresh child process running 20 steps of one model,
-and its growth over the steps (on CUDA: ``torch.cuda.max_memory_allocated``). Results go to the
-"train-step" section of docs/benchmarks.md.
+Peak memory is the peak resident set size of a fresh child process during 20 steps of one model,
+and its excess over the RSS before the first step (on CUDA: ``torch.cuda.max_memory_allocated``).
+Results go to the "train-step" section of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -52,23 +52,31 @@ def make_step(name: str, batch: int, device: torch.device, seed: int = 0):
 
 
 _MEMORY_PROBE = """
-import resource, sys, torch
+import sys, torch
 sys.path.insert(0, {here!r})
 from bench_train_step import make_step
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return float(line.split()[1]) / 1024
+
 dev = torch.device({device!r})
 step = make_step({name!r}, {batch}, dev)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+with open("/proc/self/clear_refs", "w") as fh:  # reset the peak (VmHWM) to the current RSS
+    fh.write("5")
+base = status("VmRSS")
 for _ in range(20):
     step()
 if dev.type == "cuda":
     print(torch.cuda.max_memory_allocated() / 2**20, 0.0)
 else:
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, base)
+    print(status("VmHWM"), base)
 """
 
 
 def peak_memory_mb(name: str, batch: int, device: torch.device) -> tuple[float, float]:
-    """(peak, peak before the first step) in MB for 20 steps of one model, in a fresh process."""
+    """(peak RSS during 20 steps, RSS before the first step) in MB, in a fresh process (Linux /proc)."""
     code = _MEMORY_PROBE.format(here=str(Path(__file__).parent), device=str(device), name=name, batch=batch)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     peak, base = map(float, out.stdout.split())
@@ -83,6 +91,7 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=str(REPO / "docs" / "benchmarks.md"))
     ap.add_argument("--no-write", action="store_true", help="print only, do not update docs")
+    ap.add_argument("--note", default="", help="a remark on the run conditions, recorded in the docs")
     args = ap.parse_args()
     device = resolve_device(args.device)
     steps = {name: make_step(name, args.batch, device) for name in VARIANTS}
@@ -104,15 +113,15 @@ def main() -> int:
     result = {"median_s": med, "ratio": ratio, "peak_mb": mem, "reps": args.reps, "batch": args.batch,
               "threads": threads}
     print(json.dumps(result, indent=2))
-    rows = ["| model | median step (ms) | IQR (ms) | images/s | peak RSS (MB) | added by 20 steps (MB) |",
+    rows = ["| model | median step (ms) | IQR (ms) | images/s | peak RSS, steps (MB) | above pre-step (MB) |",
             "|---|---|---|---|---|---|"]
     for name in VARIANTS:
         rows.append(f"| MNISTconv {name} | {1e3 * med[name]:.1f} | "
                     f"{1e3 * q[name][0]:.1f}–{1e3 * q[name][2]:.1f} | {args.batch / med[name]:.0f} | "
                     f"{mem[name][0]:.0f} | {mem[name][0] - mem[name][1]:.0f} |")
     mem_kind = ("CUDA max allocated" if device.type == "cuda" else
-                "peak RSS of a fresh process running 20 steps (includes the torch import), and how much "
-                "it grew during the 20 steps")
+                "peak RSS (VmHWM, reset after setup via /proc/self/clear_refs) of a fresh process during "
+                "20 steps, and its excess over the RSS just before the first step")
     body = "\n".join([
         "## Training step: MNISTconv a4w2 vs full precision",
         "",
@@ -124,7 +133,8 @@ def main() -> int:
         "interleaved (FP, a4w2, a4w2, FP, ...) in one process; median and interquartile range. Device "
         f"{device}, {threads} threads, torch {torch.__version__}, "
         f"{platform.processor() or platform.machine()}. Memory: {mem_kind}. The machine is shared, so "
-        "absolute times vary; the ratio is the figure of merit.",
+        "absolute times vary; the ratio is the figure of merit."
+        + (f" Note: {args.note}" if args.note else ""),
         "",
         *rows,
         "",

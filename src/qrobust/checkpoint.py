@@ -50,6 +50,7 @@ def save_checkpoint(directory: str | os.PathLike, model: nn.Module, info: dict[s
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{directory.name}.", suffix=".tmp"))
+        tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is an ordinary shareable directory
     except OSError as exc:
         raise QrobustError(f"cannot write checkpoint into {parent}: {exc.strerror}; choose another "
                            "--out") from exc

@@ -52,22 +52,77 @@ RECIPES: dict[str, Recipe] = {
     for r in [
         # EMPIR MNIST: baseline MNISTconv and two a4w2 members (EMPIR trained 15 epochs).
         _r("mnistconv_fp", "mnistconv", "mnist", "EMPIR baseline / member 3", {**_MNIST, "seed": 0}),
-        _r("mnistconv_a4w2_m1", "mnistconv", "mnist", "EMPIR member 1", {**_MNIST, "seed": 1}, wbits=2, abits=4),
-        _r("mnistconv_a4w2_m2", "mnistconv", "mnist", "EMPIR member 2", {**_MNIST, "seed": 2}, wbits=2, abits=4),
+        _r(
+            "mnistconv_a4w2_m1",
+            "mnistconv",
+            "mnist",
+            "EMPIR member 1",
+            {**_MNIST, "seed": 1},
+            wbits=2,
+            abits=4,
+        ),
+        _r(
+            "mnistconv_a4w2_m2",
+            "mnistconv",
+            "mnist",
+            "EMPIR member 2",
+            {**_MNIST, "seed": 2},
+            wbits=2,
+            abits=4,
+        ),
         # EMPIR CIFAR-10: a2w4, a2w2, FP with label smoothing 0.1.
         _r("cifarconv_fp", "cifarconv", "cifar10", "EMPIR baseline / member 3", {**_CIFAR, "seed": 0}),
-        _r("cifarconv_a2w4", "cifarconv", "cifar10", "EMPIR member 1", {**_CIFAR_Q, "seed": 1}, wbits=4, abits=2),
-        _r("cifarconv_a2w2", "cifarconv", "cifar10", "EMPIR member 2", {**_CIFAR_Q, "seed": 2}, wbits=2, abits=2),
+        _r(
+            "cifarconv_a2w4",
+            "cifarconv",
+            "cifar10",
+            "EMPIR member 1",
+            {**_CIFAR_Q, "seed": 1},
+            wbits=4,
+            abits=2,
+        ),
+        _r(
+            "cifarconv_a2w2",
+            "cifarconv",
+            "cifar10",
+            "EMPIR member 2",
+            {**_CIFAR_Q, "seed": 2},
+            wbits=2,
+            abits=2,
+        ),
         # Seed A's MNIST family (the seed trained 15 epochs with batch 64).
         _r("qnn_fp", "qnn_fp", "mnist", "seed A full precision, no dropout", {**_SEEDA}, dropout=0.0),
-        _r("qnn_fp_d05", "qnn_fp", "mnist", "seed A full precision + dropout 0.5 at inference", {**_SEEDA},
-           dropout=0.5, mc_dropout=True),
+        _r(
+            "qnn_fp_d05",
+            "qnn_fp",
+            "mnist",
+            "seed A full precision + dropout 0.5 at inference",
+            {**_SEEDA},
+            dropout=0.5,
+            mc_dropout=True,
+        ),
         *[
-            _r(f"qnn_{k}bit_d05", "qnn_kbit", "mnist", f"seed A {k}-bit + dropout 0.5 at inference", {**_SEEDA_SUBSET},
-               bits=k, dropout=0.5, mc_dropout=True)
+            _r(
+                f"qnn_{k}bit_d05",
+                "qnn_kbit",
+                "mnist",
+                f"seed A {k}-bit + dropout 0.5 at inference",
+                {**_SEEDA_SUBSET},
+                bits=k,
+                dropout=0.5,
+                mc_dropout=True,
+            )
             for k in (2, 3, 4, 5)
         ],
-        _r("qnn_5bit", "qnn_kbit", "mnist", "seed A 5-bit, no dropout", {**_SEEDA_SUBSET}, bits=5, dropout=0.0),
+        _r(
+            "qnn_5bit",
+            "qnn_kbit",
+            "mnist",
+            "seed A 5-bit, no dropout",
+            {**_SEEDA_SUBSET},
+            bits=5,
+            dropout=0.0,
+        ),
         _r("qnn_bnn", "qnn_bnn", "mnist", "seed A BNN, no dropout", {**_SEEDA}, dropout=0.0),
         _r("qnn_rbnn", "qnn_rbnn", "mnist", "seed A randomized BNN, no dropout", {**_SEEDA}, dropout=0.0),
     ]
@@ -110,10 +165,24 @@ def ensure_trained(
     torch.manual_seed(cfg.get("seed", 0))
     model = create_model(recipe.model, **recipe.model_kwargs)
     tc = TrainConfig(**cfg)
-    result = train(model, data.train, data.test, tc, device=device, progress=progress, on_epoch=on_epoch,
-                   state_dir=zoo / f".{out.name}.train-state")
-    info = {"dataset": recipe.dataset, "recipe": name, "note": recipe.note, "train": vars(tc), **result.as_dict(),
-            "test_samples": len(data.test)}
+    result = train(
+        model,
+        data.train,
+        data.test,
+        tc,
+        device=device,
+        progress=progress,
+        on_epoch=on_epoch,
+        state_dir=zoo / f".{out.name}.train-state",
+    )
+    info = {
+        "dataset": recipe.dataset,
+        "recipe": name,
+        "note": recipe.note,
+        "train": vars(tc),
+        **result.as_dict(),
+        "test_samples": len(data.test),
+    }
     save_checkpoint(out, model, info, overwrite=True)
     import shutil
 

@@ -70,7 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "run",
         help="run an experiment file (TOML): train, attack, detect, report",
-        description=__doc__.splitlines()[0],
+        description="Run (or resume) an experiment file (TOML) and write its report (docs/experiments.md).",
     )
     p.add_argument("file", help="experiment file, e.g. configs/quickstart.toml (see docs/experiments.md)")
     p.add_argument(

@@ -115,8 +115,14 @@ def robustness_vs_bits(
     distinct bit widths.
     """
     attacked = {r["target"] for r in records if r.get("kind") == "attack"}
-    single = [r for r in records if r.get("bits") and not r.get("ensemble") and r.get("target") in attacked
-              and r.get("kind") in ("clean", "attack")]
+    single = [
+        r
+        for r in records
+        if r.get("bits")
+        and not r.get("ensemble")
+        and r.get("target") in attacked
+        and r.get("kind") in ("clean", "attack")
+    ]
     widths = sorted({str(r["bits"]) for r in single}, key=bits_key)
     if len(widths) < 2:
         return None

@@ -76,7 +76,33 @@ CELLS = [
     ("qnn_rbnn", "jsma", "eot"),
 ]
 # Written after reading the results (kept here so that a rerun regenerates the whole page).
-FINDINGS = ""
+FINDINGS = """
+- **JSMA on the full-precision + dropout net** (seed A's strongest detection row): reproduced. Clean 98.9%
+  (seed 99.2%), adversarial 52.9% single pass / 60.0% group (seed 32.8%); the variance rises 15x
+  (9.2e-4 -> 1.35e-2) and detection works: held-out ROC-AUC 0.950 [0.916, 0.977], TPR 84% at 5% FPR
+  (successful examples only: AUC 0.975, n = 35); seed score 89.0% (seed 93.9%). JSMA's few saturated
+  pixels push inputs off the data manifold, where dropout disagrees.
+- **PGD on the same net** (seed's "FP PGD" row): clean 98.0% (seed 98.2%), adversarial 2.2% (seed 0.6%);
+  the variance barely moves (1.10e-3 -> 1.18e-3); seed score 50.0% (seed 51.4%: with variances of ~1e-3
+  sklearn's L2-regularized 1-D logistic regression predicts a constant); held-out ROC-AUC 0.62 [0.57,
+  0.67], TPR 6.4% at 5% FPR - about chance. **EOT** (K = 4) makes PGD stronger (0% accuracy, n = 100) and
+  no more detectable (AUC 0.56 [0.45, 0.67], TPR 2%). The **detector-aware PGD** (K = 4, lambda 10) also
+  reaches 0% accuracy while pushing the variance 9x BELOW the clean one (8.1e-4 -> 9e-5): AUC 0.44
+  [0.32, 0.56], TPR 0% at 5% FPR. Monte-Carlo dropout detection is bypassed by an attacker who knows it
+  (as Carlini & Wagner 2017 found for Feinman et al.'s detector).
+- **BNN, PGD**: our `qnn_bnn` (no dropout, deterministic): clean 97.5% (seed 93.0%), PGD 0.0% (seed 11.6%,
+  which looks like gradient masking by seed A's sign STE at 15 epochs); every uncertainty is exactly 0, so
+  AUC 0.5 and seed score 50% (seed 68.3%: the seed's BNN must have run with some randomness).
+- **2-bit + dropout, JSMA**: our 2-bit model is badly trained (1 epoch, 67.7% test accuracy; single pass
+  67.5%, group 93.0% on these 200 images), so its clean inputs are already very uncertain (variance 1.9e-2)
+  and JSMA adversarial inputs are not more so: AUC 0.44 [0.36, 0.52], seed score 54.8% (seed 86.6%). Not
+  comparable with the seed's 15-epoch model; rerun when a better-trained checkpoint exists.
+- The seed's detection numbers are training accuracies on clean + all attacked inputs, failed attacks
+  included; they are not detection rates. The held-out logistic regression (standardized variance) gives
+  90.5% for FP+JSMA, 47.6% for FP+PGD.
+- Rows in "Not run" were not computed in time: the CPU was shared by many jobs behind one heavy-job lock
+  and most seed-A models were still training. The script fills them in when rerun (cached cells are kept).
+"""
 MODE_TEXT = {"legacy": "one sample (seed)", "eot": "EOT", "aware": "detector-aware"}
 
 
@@ -338,6 +364,10 @@ def render(cache: Path, args) -> str:
         f"scripts/reproduce_qnn_detection.py --n {args.n} --n-adaptive {args.n_adaptive} --mc {args.mc} "
         f"--eot {args.eot}",
         "```",
+        "",
+        "Cells are cached, so the command only computes missing ones; each row's n and K are its own (the "
+        "first row was computed with `--n 500`). A run waiting for the lock can be re-timed by writing "
+        "HH:MM into `artifacts/qnn_detection/deadline`.",
         "",
     ]
     return "\n".join(lines)

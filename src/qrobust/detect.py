@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from qrobust.errors import QrobustError
 from qrobust.models.common import MCDropout
-from qrobust.quant import QuantConv2d, QuantLinear, StochasticBinaryWeight, hard_sigmoid
+from qrobust.quant import QuantConv2d, QuantLinear, StochasticBinaryWeight, stochastic_binary
 
 STRATEGIES = ("auto", "suffix", "repeat", "loop")
 ROWS_PER_CHUNK = 1000  # T * inputs per chunk by default: bounds the memory of the widest activation
@@ -158,16 +158,11 @@ class _Sampler:
         wq: StochasticBinaryWeight = m.weight_quant
         gen = self.generators.get(id(m), wq.generator)
 
-        def draw(w: Tensor) -> Tensor:
-            p = hard_sigmoid(w)
-            expected = 2 * p - 1
-            return expected + (2 * torch.bernoulli(p.detach(), generator=gen) - 1 - expected).detach()
-
         ws, bs = [], []
         for _ in range(self.copies):
-            ws.append(draw(m.weight))
+            ws.append(stochastic_binary(m.weight, gen))
             if m.bias is not None:
-                bs.append(draw(m.bias))
+                bs.append(stochastic_binary(m.bias, gen))
         return torch.stack(ws), (torch.stack(bs) if bs else None)
 
     def _conv_forward(self, m: QuantConv2d) -> Callable[[Tensor], Tensor]:

@@ -14,6 +14,7 @@ from qrobust.quant.quantizers import (
     hard_sigmoid,
     quantize_unit,
     round_ste,
+    stochastic_binary,
 )
 
 __all__ = [
@@ -31,4 +32,5 @@ __all__ = [
     "hard_sigmoid",
     "quantize_unit",
     "round_ste",
+    "stochastic_binary",
 ]

@@ -234,6 +234,11 @@ class _StochasticBinarySTE(torch.autograd.Function):
         return torch.where(inside, grad, 0.0), None
 
 
+def stochastic_binary(w: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One draw of 2 * Bernoulli(hard_sigmoid(w)) - 1, exactly +-1, with the straight-through gradient."""
+    return _StochasticBinarySTE.apply(w, generator)
+
+
 class StochasticBinaryWeight(nn.Module):
     """Stochastic binary weights 2 * Bernoulli(hard_sigmoid(w)) - 1, resampled at every forward pass.
 
@@ -250,7 +255,7 @@ class StochasticBinaryWeight(nn.Module):
     def forward(self, w: Tensor) -> Tensor:
         # A custom function rather than ``expected + (sample - expected).detach()``: that composite is
         # not exactly +-1 in floating point (e.g. 0.99999994), so the weights would not be binary.
-        return _StochasticBinarySTE.apply(w, self.generator)
+        return stochastic_binary(w, self.generator)
 
 
 class ScaledReLU(nn.Module):

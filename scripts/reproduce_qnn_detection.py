@@ -110,6 +110,11 @@ def cell_id(recipe: str, attack: str, mode: str) -> str:
     return f"{recipe}__{attack}__{mode}"
 
 
+def weights_tag(cfg: dict) -> str:
+    """Short hash of a checkpoint's weights: cached cells of a retrained model are never reused."""
+    return (cfg.get("weights_sha256") or "unknown")[:10]
+
+
 def build_attack(attack: str, mode: str, k: int):
     from qrobust.attacks import FGSM, JSMA, PGD
     from qrobust.attacks.detector_aware import EOTPGD, DetectorAwarePGD
@@ -173,11 +178,12 @@ def run_cell(
     n = args.n if mode == "legacy" else args.n_adaptive
     x, y = data.test.head(n).tensors()
     key = (recipe, args.n)
+    tag = weights_tag(cfg)
     if key not in clean_cache:
-        f = cache / f"clean_{recipe}_T{args.mc}_N{args.n}.safetensors"
+        f = cache / f"clean_{recipe}_{tag}_T{args.mc}_N{args.n}.safetensors"
         bigger = sorted(
             (int(g.stem.rsplit("_N", 1)[1]), g)
-            for g in cache.glob(f"clean_{recipe}_T{args.mc}_N*.safetensors")
+            for g in cache.glob(f"clean_{recipe}_{tag}_T{args.mc}_N*.safetensors")
         )
         bigger = [g for m, g in bigger if m >= args.n]
         if bigger:  # the first n images of a larger cached run are the same clean passes
@@ -231,10 +237,21 @@ def run_cell(
 
 def render(cache: Path, args) -> str:
     cells = {}
+    current = {}
     for f in sorted((cache / "cells").glob("*.json")):
         c = json.loads(f.read_text())
-        if "report" in c:
-            cells[(c["recipe"], c["attack"], c["mode"])] = c
+        if "report" not in c:
+            continue
+        if c["recipe"] not in current:
+            try:
+                current[c["recipe"]] = read_config(Path(args.zoo) / c["recipe"]).get("weights_sha256")
+            except Exception:
+                current[c["recipe"]] = None
+        if c.get("weights_sha256") != current[c["recipe"]]:
+            continue  # made with an older checkpoint of this recipe
+        k = (c["recipe"], c["attack"], c["mode"])
+        if k not in cells or c["n"] > cells[k]["n"]:
+            cells[k] = c
     lines = [
         "# Seed A reproduction: Monte-Carlo dropout detection of adversarial examples (MNIST)",
         "",
@@ -402,20 +419,21 @@ def main() -> int:
             cid = cell_id(recipe, attack, mode)
             if args.only and cid not in args.only:
                 continue
-            out = (
-                cache / "cells" / f"{cid}_n{args.n if mode == 'legacy' else args.n_adaptive}_T{args.mc}.json"
-            )
-            if out.is_file() or any((cache / "cells").glob(f"{cid}_n*_T{args.mc}.json")):
-                print(f"[cached] {cid} (any n)", file=sys.stderr)
+            try:
+                tag = weights_tag(read_config(Path(args.zoo) / recipe))
+            except Exception:
+                tag = None
+            n_cell = args.n if mode == "legacy" else args.n_adaptive
+            out = cache / "cells" / f"{cid}_n{n_cell}_T{args.mc}_{tag}.json"
+            if tag is not None and out.is_file():
+                print(f"[cached] {cid}", file=sys.stderr)
                 continue
             if args.deadline:
                 now = datetime.now(timezone.utc).strftime("%H:%M")
                 if now >= args.deadline:
                     print(f"[deadline] {cid} not started ({now} >= {args.deadline})", file=sys.stderr)
                     continue
-            try:
-                read_config(Path(args.zoo) / recipe)
-            except Exception:
+            if tag is None:
                 print(f"[pending] {cid}: {recipe} is not trained yet", file=sys.stderr)
                 pending += 1
                 continue

@@ -61,3 +61,18 @@ def test_attack_cli_targeted_and_jsma(checkpoint, tmp_path):
                  "-n", "10", "--json-out", str(out_json), "--quiet"]) == 0
     record = json.loads(out_json.read_text())
     assert record["params"]["targeted"] is True and record["mean_linf"] <= 1.0
+
+
+def test_train_cli_madry_weight_and_cosine_are_recorded(tmp_path, capsys):
+    out = tmp_path / "madry"
+    rc = main(["train", "--model", "mnistconv", "--data", "digits", "--epochs", "1", "--max-train", "128",
+               "--max-test", "20", "--adv", "pgd", "--adv-steps", "2", "--adv-alpha", "0.1", "--adv-weight", "1",
+               "--lr-schedule", "cosine", "--out", str(out), "--quiet"])
+    assert rc == 0
+    train_cfg = json.loads((out / "config.json").read_text())["train"]
+    assert train_cfg["adv_weight"] == 1.0 and train_cfg["lr_schedule"] == "cosine"
+    rc = main(["train", "--model", "mnistconv", "--data", "digits", "--epochs", "1", "--adv", "pgd",
+               "--adv-weight", "2", "--out", str(tmp_path / "bad"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "adversarial loss weight must be in (0, 1]" in err
+    assert not (tmp_path / "bad").exists()

@@ -183,3 +183,22 @@ def test_register_model_extends_factory():
             register_model("_tiny_test_model", input_shape=(1, 4, 4), description="again")(tiny)
     finally:
         _REGISTRY.pop("_tiny_test_model", None)
+
+
+def test_mc_dropout_keeps_the_dropout_distribution():
+    from qrobust.models.common import MCDropout
+
+    torch.manual_seed(0)
+    drop = MCDropout(0.3, always_on=True).eval()
+    x = torch.ones(200_000)
+    out = drop(x)
+    kept = out != 0
+    assert abs(kept.float().mean().item() - 0.7) < 0.005  # keep rate 1 - p
+    assert torch.allclose(out[kept], torch.full_like(out[kept], 1 / 0.7))  # inverted scaling
+    assert abs(out.mean().item() - 1.0) < 0.01  # unbiased
+    x = torch.randn(1000, requires_grad=True)
+    y = drop(x)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    assert torch.equal(g, (y != 0).float() / 0.7)  # gradient goes through the kept units only
+    off = MCDropout(0.3, always_on=False).eval()
+    assert torch.equal(off(x), x)

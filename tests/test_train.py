@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -141,3 +142,95 @@ def test_zero_epochs(digits):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     result = train(model, digits.train, None, TrainConfig(epochs=0))
     assert result.history == [] and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_cosine_schedule_hand_computed():
+    cfg = TrainConfig(lr=1e-3, lr_schedule="cosine")
+    assert cfg.lr_at(0, 100) == pytest.approx(1e-3)
+    assert cfg.lr_at(50, 100) == pytest.approx(0.5e-3)
+    assert cfg.lr_at(25, 100) == pytest.approx(0.5e-3 * (1 + 2 ** -0.5))
+    assert cfg.lr_at(100, 100) == pytest.approx(0.0, abs=1e-15)
+    assert TrainConfig(lr=1e-3).lr_at(99, 100) == 1e-3  # constant stays constant
+
+
+def test_cosine_schedule_reaches_the_optimizer(digits):
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(784, 10)
+
+        def forward(self, x):
+            return self.lin(x.flatten(1))
+
+    model = Spy()
+    real_step = torch.optim.Adam.step
+
+    def spy_step(self, *a, **k):
+        seen.append(self.param_groups[0]["lr"])
+        return real_step(self, *a, **k)
+
+    torch.optim.Adam.step = spy_step
+    try:
+        train(model, digits.train, None, TrainConfig(epochs=2, batch_size=64, max_train=256, lr=1e-2,
+                                                      lr_schedule="cosine"))
+    finally:
+        torch.optim.Adam.step = real_step
+    total = 2 * 4
+    assert seen == pytest.approx([0.5e-2 * (1 + math.cos(math.pi * i / total)) for i in range(total)])
+
+
+def test_cosine_resume_is_exact_and_epochs_are_pinned(digits, tmp_path):
+    def run(epochs, sdir):
+        torch.manual_seed(0)
+        model = create_model("mnistconv", wbits=2, abits=4)
+        cfg = TrainConfig(epochs=epochs, batch_size=64, max_train=256, lr_schedule="cosine")
+        train(model, digits.train, None, cfg, state_dir=sdir)
+        return model
+
+    full = run(2, tmp_path / "a")
+    again = run(2, tmp_path / "b")
+    assert _same(full, again)  # deterministic with the schedule
+    resumed = run(2, tmp_path / "a")  # a finished state: nothing trained, same weights
+    assert _same(full, resumed)
+    # with a schedule the epoch count shapes every step, so a state of another length is refused
+    with pytest.raises(QrobustError, match="different model or training settings"):
+        run(3, tmp_path / "a")
+
+
+def test_madry_weight_trains_on_adversarial_loss_only(digits):
+    """adv_weight 1: the update depends on x_adv only; 0.5 mixes in the clean loss (seed A)."""
+
+    def run(weight, adversary):
+        torch.manual_seed(0)
+        model = create_model("mnistconv")
+        cfg = TrainConfig(epochs=1, batch_size=64, max_train=64, adv_weight=weight)
+        train(model, digits.train, None, cfg, adversary=adversary)
+        return model
+
+    def flip(model, x, y):
+        return x.flip(-1)
+
+    madry = run(1.0, flip)
+    # training directly on the flipped images with the clean loss gives the same update
+    torch.manual_seed(0)
+    direct = create_model("mnistconv")
+    flipped = digits.train.head(64)
+    opt = torch.optim.Adam(direct.parameters(), lr=1e-3, fused=True)
+    direct.train()
+    gen = torch.Generator().manual_seed(0)
+    for x, y in flipped.batches(64, shuffle=True, generator=gen):
+        loss = F.cross_entropy(direct(x.flip(-1)), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert _same(madry, direct)
+    assert not _same(madry, run(0.5, flip))
+
+
+@pytest.mark.parametrize(("field", "value"), [("lr_schedule", "step"), ("adv_weight", 0.0),
+                                              ("adv_weight", 1.5)])
+def test_new_config_fields_are_validated(field, value):
+    with pytest.raises(QrobustError, match=field.split("_")[0]):
+        TrainConfig(**{field: value}).validate()

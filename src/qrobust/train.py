@@ -7,6 +7,7 @@ state (weights, optimizer, RNG, history) after every epoch, atomically, and resu
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -28,6 +29,9 @@ from qrobust.utils import atomic_write_json
 Adversary = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 15
@@ -38,6 +42,8 @@ class TrainConfig:
     label_smoothing: float = 0.0
     adv_start_epoch: int = 0  # seed A: first 10 epochs clean, then (CE_clean + CE_adv) / 2
     max_train: int | None = None  # use only the first N training images (quick runs)
+    lr_schedule: str = "constant"  # or "cosine": per-step cosine decay from lr to 0 over all epochs
+    adv_weight: float = 0.5  # weight of CE(x_adv): seed A 0.5 = (CE_clean + CE_adv) / 2; Madry 1.0
 
     def validate(self) -> None:
         if self.epochs < 0:
@@ -50,6 +56,17 @@ class TrainConfig:
             raise QrobustError(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.max_train is not None and self.max_train <= 0:
             raise QrobustError(f"max_train must be positive, got {self.max_train}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise QrobustError(f"lr schedule must be one of {', '.join(LR_SCHEDULES)}, "
+                               f"got {self.lr_schedule!r}")
+        if not 0 < self.adv_weight <= 1:
+            raise QrobustError(f"adversarial loss weight must be in (0, 1], got {self.adv_weight}")
+
+    def lr_at(self, step: int, total_steps: int) -> float:
+        """Learning rate of optimizer step ``step`` (0-based); a function of position so resume is exact."""
+        if self.lr_schedule == "cosine" and total_steps > 0:
+            return 0.5 * self.lr * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+        return self.lr
 
 
 @dataclass
@@ -92,11 +109,20 @@ def _loss(logits: Tensor, y: Tensor, smoothing: float) -> Tensor:
     return -(target * F.log_softmax(logits, 1)).sum(1).mean()
 
 
+def _adam(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """Adam with the fused kernel where the device has one (7x faster on CPU for seed A's 9M-weight FC)."""
+    try:
+        return torch.optim.Adam(model.parameters(), lr=config.lr, eps=config.adam_eps, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.Adam(model.parameters(), lr=config.lr, eps=config.adam_eps)
+
+
 def _fingerprint(model: nn.Module, config: TrainConfig) -> str:
     """What must not change between an interrupted run and its resumption (``epochs`` may grow)."""
     arch = getattr(model, "qrobust_config", None) or {
         "class": type(model).__name__, "shapes": {k: list(v.shape) for k, v in model.state_dict().items()}}
-    settings = {k: v for k, v in asdict(config).items() if k != "epochs"}
+    # A constant learning rate lets a finished run be extended by more epochs; a schedule cannot.
+    settings = {k: v for k, v in asdict(config).items() if k != "epochs" or config.lr_schedule != "constant"}
     return json.dumps({"model": arch, "train": settings}, sort_keys=True)
 
 
@@ -169,7 +195,7 @@ def train(
     model.to(device)
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr, eps=config.adam_eps)
+    opt = _adam(model, config)
     data = train_split.head(config.max_train) if config.max_train else train_split
     start, result = 0, TrainResult()
     sdir = Path(state_dir) if state_dir is not None else None
@@ -194,14 +220,25 @@ def train(
             batches = tqdm(batches, total=-(-len(data) // config.batch_size),
                            desc=f"epoch {epoch + 1}/{config.epochs}",
                            leave=False)
-        for x, y in batches:
-            logits = model(x)
-            loss = _loss(logits, y, config.label_smoothing)
-            if adversary is not None and epoch >= config.adv_start_epoch:
+        steps_per_epoch = -(-len(data) // config.batch_size)
+        for i, (x, y) in enumerate(batches):
+            for group in opt.param_groups:
+                group["lr"] = config.lr_at(epoch * steps_per_epoch + i, config.epochs * steps_per_epoch)
+            adv_phase = adversary is not None and epoch >= config.adv_start_epoch
+            if adv_phase and config.adv_weight == 1.0:  # Madry: the clean pass only feeds the metrics
+                with torch.no_grad():
+                    logits = model(x)
+                loss = None
+            else:
+                logits = model(x)
+                loss = _loss(logits, y, config.label_smoothing)
+            if adv_phase:
                 model.eval()
                 x_adv = adversary(model, x, y).detach()
                 model.train()
-                loss = 0.5 * (loss + _loss(model(x_adv), y, config.label_smoothing))
+                adv_loss = _loss(model(x_adv), y, config.label_smoothing)
+                w = config.adv_weight
+                loss = adv_loss if loss is None else (1 - w) * loss + w * adv_loss
             if not torch.isfinite(loss):
                 raise QrobustError(f"training diverged: loss is {loss.item()} in epoch {epoch + 1}; lower "
                                    f"--lr (now {config.lr}) or check the data")

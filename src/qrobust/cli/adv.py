@@ -44,6 +44,9 @@ def add_adv_options(p: argparse.ArgumentParser) -> None:
                         "(default 0.15)")
     g.add_argument("--adv-start-epoch", type=int, default=0,
                    help="clean epochs before adversarial training starts (seed A: 10)")
+    g.add_argument("--adv-weight", type=float, default=0.5,
+                   help="weight of the adversarial loss: 0.5 = seed A's (CE_clean + CE_adv) / 2 (default), "
+                        "1.0 = Madry et al. (adversarial loss only)")
 
 
 def make_attack(kind: str, *, eps: float = 0.3, alpha: float = 0.01, steps: int = 40,

@@ -78,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
         raise QrobustError(f"--epochs must be >= 0, got {args.epochs}")
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       label_smoothing=args.label_smoothing, max_train=args.max_train,
-                      adv_start_epoch=getattr(args, "adv_start_epoch", 0) or 0)
+                      adv_start_epoch=getattr(args, "adv_start_epoch", 0) or 0,
+                      adv_weight=getattr(args, "adv_weight", 0.5), lr_schedule=args.lr_schedule)
     cfg.validate()
     out = Path(args.out)
     if out.exists() and not args.force:
@@ -126,6 +127,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=15, help="training epochs, >= 0 (default: %(default)s)")
     p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                   help="constant (the seeds) or cosine decay to 0 over all steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label-smoothing", type=float, default=0.0, help="EMPIR used 0.1 for CIFAR-10")
     p.add_argument("--max-train", type=positive_int, help="use only the first N training images")

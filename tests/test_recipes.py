@@ -1,0 +1,40 @@
+"""Recipe zoo: train once, reuse, and retrain (keeping the old checkpoint) when a recipe changes."""
+
+from __future__ import annotations
+
+import json
+
+from qrobust import recipes
+from qrobust.checkpoint import CONFIG, load_checkpoint
+
+
+def _tiny(**train):
+    return recipes.Recipe("tiny", "mnistconv", {"wbits": 2, "abits": 4}, "digits",
+                          {"epochs": 1, "batch_size": 64, "max_train": 64, **train})
+
+
+def test_recipe_trains_once_then_reuses(tmp_path, monkeypatch):
+    monkeypatch.setitem(recipes.RECIPES, "tiny", _tiny())
+    out = recipes.ensure_trained("tiny", zoo_dir=tmp_path)
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    assert recipes.ensure_trained("tiny", zoo_dir=tmp_path) == out
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp  # not retrained
+    model, cfg = load_checkpoint(out)
+    assert cfg["recipe"] == "tiny" and cfg["train"]["max_train"] == 64
+
+
+def test_changed_recipe_retrains_and_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setitem(recipes.RECIPES, "tiny", _tiny())
+    out = recipes.ensure_trained("tiny", zoo_dir=tmp_path)
+    old_bytes = (out / "model.safetensors").read_bytes()
+    monkeypatch.setitem(recipes.RECIPES, "tiny", _tiny(lr_schedule="cosine"))
+    assert recipes.ensure_trained("tiny", zoo_dir=tmp_path) == out
+    assert json.loads((out / CONFIG).read_text())["train"]["lr_schedule"] == "cosine"
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("tiny.superseded-")]
+    assert len(kept) == 1 and (kept[0] / "model.safetensors").read_bytes() == old_bytes
+    # model options are part of the recipe too
+    monkeypatch.setitem(recipes.RECIPES, "tiny", recipes.Recipe(
+        "tiny", "mnistconv", {"wbits": 4, "abits": 4}, "digits",
+        {"epochs": 1, "batch_size": 64, "max_train": 64, "lr_schedule": "cosine"}))
+    recipes.ensure_trained("tiny", zoo_dir=tmp_path)
+    assert load_checkpoint(out)[1]["model"]["kwargs"]["wbits"] == 4

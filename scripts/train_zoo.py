@@ -27,6 +27,7 @@ TARGETS = {
     "mnistconv_a4w2_m1": 0.985,
     "mnistconv_a4w2_m2": 0.985,
     "qnn_fp": 0.985,
+    "qnn_fp_d05": 0.985,
     "qnn_bnn": 0.95,
     "cifarconv_fp": 0.70,
 }

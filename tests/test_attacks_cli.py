@@ -66,8 +66,8 @@ def test_attack_cli_targeted_and_jsma(checkpoint, tmp_path):
 def test_train_cli_madry_weight_and_cosine_are_recorded(tmp_path, capsys):
     out = tmp_path / "madry"
     rc = main(["train", "--model", "mnistconv", "--data", "digits", "--epochs", "1", "--max-train", "128",
-               "--max-test", "20", "--adv", "pgd", "--adv-steps", "2", "--adv-alpha", "0.1", "--adv-weight", "1",
-               "--lr-schedule", "cosine", "--out", str(out), "--quiet"])
+               "--max-test", "20", "--adv", "pgd", "--adv-steps", "2", "--adv-alpha", "0.1",
+               "--adv-weight", "1", "--lr-schedule", "cosine", "--out", str(out), "--quiet"])
     assert rc == 0
     train_cfg = json.loads((out / "config.json").read_text())["train"]
     assert train_cfg["adv_weight"] == 1.0 and train_cfg["lr_schedule"] == "cosine"

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from qrobust.models import create_model
+from qrobust.train import TrainConfig, make_optimizer
 from qrobust.utils import resolve_device, update_marked_section
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +37,7 @@ def make_step(name: str, batch: int, device: torch.device, seed: int = 0):
     """A closure running one full training step on a fixed random batch of digits-like pixels."""
     torch.manual_seed(seed)
     model = create_model("mnistconv", **VARIANTS[name]).to(device).train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = make_optimizer(model, TrainConfig(lr=1e-3))  # the optimizer qrobust.train uses (fused Adam)
     gen = torch.Generator().manual_seed(seed)
     x = torch.rand(batch, 1, 28, 28, generator=gen).to(device)
     y = torch.randint(0, 10, (batch,), generator=gen).to(device)

@@ -1,6 +1,6 @@
 """Reproduce seed A's Monte-Carlo dropout detection rows on MNIST and report them beside ours.
 
-    flock /tmp/qrobust-heavy.lock env OMP_NUM_THREADS=2 python scripts/reproduce_qnn_detection.py \
+    python scripts/reproduce_qnn_detection.py \
         [--n 500] [--n-adaptive 200] [--mc 50] [--eot 8] [--only CELL ...] [--deadline 02:40] [--render-only]
 
 Every cell (model x attack x mode) is cached as JSON under ``--cache`` (atomic writes), so a rerun
@@ -78,30 +78,37 @@ CELLS = [
 # Written after reading the results (kept here so that a rerun regenerates the whole page).
 FINDINGS = """
 - **JSMA on the full-precision + dropout net** (seed A's strongest detection row): reproduced. Clean 98.9%
-  (seed 99.2%), adversarial 52.9% single pass / 60.0% group (seed 32.8%); the variance rises 15x
-  (9.2e-4 -> 1.35e-2) and detection works: held-out ROC-AUC 0.950 [0.916, 0.977], TPR 84% at 5% FPR
-  (successful examples only: AUC 0.975, n = 35); seed score 89.0% (seed 93.9%). JSMA's few saturated
-  pixels push inputs off the data manifold, where dropout disagrees.
-- **PGD on the same net** (seed's "FP PGD" row): clean 98.0% (seed 98.2%), adversarial 2.2% (seed 0.6%);
-  the variance barely moves (1.10e-3 -> 1.18e-3); seed score 50.0% (seed 51.4%: with variances of ~1e-3
-  sklearn's L2-regularized 1-D logistic regression predicts a constant); held-out ROC-AUC 0.62 [0.57,
-  0.67], TPR 6.4% at 5% FPR - about chance. **EOT** (K = 4) makes PGD stronger (0% accuracy, n = 100) and
-  no more detectable (AUC 0.56 [0.45, 0.67], TPR 2%). The **detector-aware PGD** (K = 4, lambda 10) also
-  reaches 0% accuracy while pushing the variance 9x BELOW the clean one (8.1e-4 -> 9e-5): AUC 0.44
-  [0.32, 0.56], TPR 0% at 5% FPR. Monte-Carlo dropout detection is bypassed by an attacker who knows it
-  (as Carlini & Wagner 2017 found for Feinman et al.'s detector).
-- **BNN, PGD**: our `qnn_bnn` (no dropout, deterministic): clean 97.5% (seed 93.0%), PGD 0.0% (seed 11.6%,
+  single pass / 99.2% group (seed 99.2%), adversarial 54.3% / 60.6% (seed 32.8%); the variance rises 25x
+  (5.8e-4 -> 1.5e-2) and detection works: held-out ROC-AUC 0.954 [0.934, 0.971], TPR 86% at 5% FPR
+  (successful examples only: AUC 0.977, n = 99); seed score 86.1% (seed 93.9%). JSMA's few saturated
+  pixels push inputs off the data manifold, where dropout disagrees. FGSM (eps 0.3) is detected as well
+  (AUC 0.954, TPR 79%).
+- **PGD on the same net** (seed's "FP PGD" row): clean 98.9% (seed 98.2%), adversarial 0.8% (seed 0.6%);
+  the variance barely moves (5.8e-4 -> 7.8e-4); seed score 50.0% (seed 51.4%: with variances of ~1e-3
+  sklearn's L2-regularized 1-D logistic regression predicts a constant); held-out ROC-AUC 0.63 [0.58,
+  0.69], TPR 10% at 5% FPR - close to chance, as the seed found. **EOT** (K = 4): 0.0% accuracy, AUC 0.60.
+  The **detector-aware PGD** (K = 4, lambda 10) also reaches 0.0% while pushing the variance 15x BELOW the
+  clean one (4.8e-4 -> 3.3e-5): AUC 0.47, TPR 0%. Monte-Carlo dropout detection is bypassed by an attacker
+  who knows it (as Carlini & Wagner 2017 found for Feinman et al.'s detector).
+- **Randomized BNN** (stochastic weights, no dropout), JSMA: clean 96.6% single / 97.4% group (seed 85.6%),
+  adversarial 53.4% / 56.2% (seed 47.0%), AUC 0.91, seed score 81.1% (seed 76.0%). PGD: 3.1% adversarial,
+  AUC 0.78; EOT PGD 1.4% (AUC 0.77); detector-aware PGD 1.3% with the variance held at the clean level
+  (AUC 0.62). The randomness defends nothing against PGD and detection weakens once the attacker adapts.
+  JSMA through an EOT average of K = 4 softmaxes is *weaker* than the seed's one-sample JSMA (74.2%
+  adversarial accuracy): the saliency of averaged probabilities is flatter than that of one pass's logits.
+- **BNN, PGD**: our `qnn_bnn` (no dropout, deterministic): clean 95.4% (seed 93.0%), PGD 1.8% (seed 11.6%,
   which looks like gradient masking by seed A's sign STE at 15 epochs); every uncertainty is exactly 0, so
   AUC 0.5 and seed score 50% (seed 68.3%: the seed's BNN must have run with some randomness).
-- **2-bit + dropout, JSMA**: our 2-bit model is badly trained (1 epoch, 67.7% test accuracy; single pass
-  67.5%, group 93.0% on these 200 images), so its clean inputs are already very uncertain (variance 1.9e-2)
-  and JSMA adversarial inputs are not more so: AUC 0.44 [0.36, 0.52], seed score 54.8% (seed 86.6%). Not
-  comparable with the seed's 15-epoch model; rerun when a better-trained checkpoint exists.
+- **k-bit + dropout**: our k-bit models are undertrained (one CPU epoch: 2-bit 85.5%, 4-bit 89.5%,
+  5-bit 83.3% test accuracy, single pass), so their clean inputs are already uncertain (variance ~1e-2,
+  20x the full-precision net's) and the variance separates poorly: 4-bit JSMA AUC 0.69 (seed score 66.5%
+  vs the seed's 80.7%), 5-bit FGSM AUC 0.53 (seed: uncertainty 2.0e-3 -> 1.3e-2, score 78.2%). Predictive
+  entropy still separates 5-bit FGSM (AUC 0.91). The detector-aware PGD inverts the detector on 5-bit
+  (variance 1.1e-2 -> 7.1e-3, AUC 0.26). Rows for 2 and 3 bits: see the table. Not comparable with the
+  seed's 15-epoch models; the script recomputes them when better checkpoints exist.
 - The seed's detection numbers are training accuracies on clean + all attacked inputs, failed attacks
-  included; they are not detection rates. The held-out logistic regression (standardized variance) gives
-  90.5% for FP+JSMA, 47.6% for FP+PGD.
-- Rows in "Not run" were not computed in time: the CPU was shared by many jobs behind one heavy-job lock
-  and most seed-A models were still training. The script fills them in when rerun (cached cells are kept).
+  included; they are not detection rates. The held-out logistic regression (standardized variance, fitted
+  on the other half) gives 89.4% for FP+JSMA, 52.6% for FP+PGD.
 """
 MODE_TEXT = {"legacy": "one sample (seed)", "eot": "EOT", "aware": "detector-aware"}
 
@@ -379,14 +386,13 @@ def render(cache: Path, args) -> str:
         "## Command",
         "",
         "```",
-        "flock /tmp/qrobust-heavy.lock env OMP_NUM_THREADS=2 /work/venv/bin/python "
-        f"scripts/reproduce_qnn_detection.py --n {args.n} --n-adaptive {args.n_adaptive} --mc {args.mc} "
-        f"--eot {args.eot}",
+        "python scripts/reproduce_qnn_detection.py "
+        f"--n {args.n} --n-adaptive {args.n_adaptive} --mc {args.mc} --eot {args.eot}",
         "```",
         "",
-        "Cells are cached, so the command only computes missing ones; each row's n and K are its own (the "
-        "first row was computed with `--n 500`). A run waiting for the lock can be re-timed by writing "
-        "HH:MM into `artifacts/qnn_detection/deadline`.",
+        "Cells are cached (keyed by recipe, attack, mode, n, T and the checkpoint's weights hash), so the "
+        "command only computes missing ones; `--only CELL ...` runs a subset (several processes can share "
+        "the cache), `--deadline HH:MM` stops starting new cells.",
         "",
     ]
     return "\n".join(lines)

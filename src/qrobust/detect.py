@@ -179,14 +179,21 @@ class _Sampler:
         gen = self.generators.get(id(m))
 
         def forward(x: Tensor) -> Tensor:
-            x = self._expand(x)
+            t = self.copies
+            first = t > 1 and self.expand_from is not None and x.shape[0] == self.expand_from
             keep = 1.0 - m.p
-            rows = x.shape[0] // self.copies
+            rows = x.shape[0] if first else x.shape[0] // t
+            full = (t * rows, *x.shape[1:])
             if gen is None:
-                mask = keep_mask(x.shape, keep, None, x.device)
+                mask = keep_mask(full, keep, None, x.device)
             else:
                 shape = (rows, *x.shape[1:])
-                mask = torch.cat([keep_mask(shape, keep, gen, x.device) for _ in range(self.copies)])
+                mask = torch.cat([keep_mask(shape, keep, gen, x.device) for _ in range(t)])
+            if first:
+                # Where the copies start, multiply T masks by the shared input broadcast, instead of
+                # repeating the input T times first (one full-size pass less).
+                scaled = (x * (1.0 / keep)).unsqueeze(0)
+                return mask.view(t, *x.shape).to(x.dtype).mul_(scaled).view(full)
             return (x * mask).mul_(1.0 / keep)
 
         return forward

@@ -109,7 +109,7 @@ def _loss(logits: Tensor, y: Tensor, smoothing: float) -> Tensor:
     return -(target * F.log_softmax(logits, 1)).sum(1).mean()
 
 
-def _adam(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     """Adam with the fused kernel where the device has one (7x faster on CPU for seed A's 9M-weight FC)."""
     try:
         return torch.optim.Adam(model.parameters(), lr=config.lr, eps=config.adam_eps, fused=True)
@@ -195,7 +195,7 @@ def train(
     model.to(device)
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
-    opt = _adam(model, config)
+    opt = make_optimizer(model, config)
     data = train_split.head(config.max_train) if config.max_train else train_split
     start, result = 0, TrainResult()
     sdir = Path(state_dir) if state_dir is not None else None

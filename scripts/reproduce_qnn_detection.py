@@ -99,13 +99,14 @@ FINDINGS = """
 - **BNN, PGD**: our `qnn_bnn` (no dropout, deterministic): clean 95.4% (seed 93.0%), PGD 1.8% (seed 11.6%,
   which looks like gradient masking by seed A's sign STE at 15 epochs); every uncertainty is exactly 0, so
   AUC 0.5 and seed score 50% (seed 68.3%: the seed's BNN must have run with some randomness).
-- **k-bit + dropout**: our k-bit models are undertrained (one CPU epoch: 2-bit 85.5%, 4-bit 89.5%,
-  5-bit 83.3% test accuracy, single pass), so their clean inputs are already uncertain (variance ~1e-2,
-  20x the full-precision net's) and the variance separates poorly: 4-bit JSMA AUC 0.69 (seed score 66.5%
-  vs the seed's 80.7%), 5-bit FGSM AUC 0.53 (seed: uncertainty 2.0e-3 -> 1.3e-2, score 78.2%). Predictive
-  entropy still separates 5-bit FGSM (AUC 0.91). The detector-aware PGD inverts the detector on 5-bit
-  (variance 1.1e-2 -> 7.1e-3, AUC 0.26). Rows for 2 and 3 bits: see the table. Not comparable with the
-  seed's 15-epoch models; the script recomputes them when better checkpoints exist.
+- **k-bit + dropout**: our k-bit models are undertrained (one CPU epoch: 2-bit 85.5%, 3-bit 88.8%, 4-bit
+  89.5%, 5-bit 83.3% test accuracy, single pass), so their clean inputs are already uncertain (variance
+  ~1e-2, 20x the full-precision net's) and the variance separates poorly. JSMA: 2-bit AUC 0.61 / seed
+  score 58.5% (seed 86.6%), 3-bit 0.65 / 60.4% (seed 85.1%), 4-bit 0.69 / 66.5% (seed 80.7%); 5-bit FGSM
+  AUC 0.53 (seed: uncertainty 2.0e-3 -> 1.3e-2, score 78.2%), though predictive entropy still separates it
+  (AUC 0.91). The detector-aware PGD inverts the detector (2-bit AUC 0.30, 5-bit 0.26: the variance ends
+  below the clean one). Not comparable with the seed's 15-epoch models; the script recomputes these rows
+  when better checkpoints exist.
 - The seed's detection numbers are training accuracies on clean + all attacked inputs, failed attacks
   included; they are not detection rates. The held-out logistic regression (standardized variance, fitted
   on the other half) gives 89.4% for FP+JSMA, 52.6% for FP+PGD.

@@ -23,6 +23,7 @@ from qrobust.checkpoint import CONFIG, save_checkpoint
 from qrobust.data import load_dataset
 from qrobust.errors import QrobustError
 from qrobust.models import create_model
+from qrobust.models.registry import get_entry
 from qrobust.train import EpochRecord, TrainConfig, train
 
 
@@ -59,44 +60,18 @@ RECIPES: dict[str, Recipe] = {
     for r in [
         # EMPIR MNIST: baseline MNISTconv and two a4w2 members (EMPIR trained 15 epochs).
         _r("mnistconv_fp", "mnistconv", "mnist", "EMPIR baseline / member 3", {**_MNIST, "seed": 0}),
-        _r(
-            "mnistconv_a4w2_m1",
-            "mnistconv",
-            "mnist",
-            "EMPIR member 1",
-            {**_MNIST_Q, "seed": 1},
-            wbits=2,
-            abits=4,
-        ),
-        _r(
-            "mnistconv_a4w2_m2",
-            "mnistconv",
-            "mnist",
-            "EMPIR member 2",
-            {**_MNIST_Q, "seed": 2},
-            wbits=2,
-            abits=4,
-        ),
+        *[
+            _r(f"mnistconv_a4w2_m{i}", "mnistconv", "mnist", f"EMPIR member {i}", {**_MNIST_Q, "seed": i},
+               wbits=2, abits=4)
+            for i in (1, 2)
+        ],
         # EMPIR CIFAR-10: a2w4, a2w2, FP with label smoothing 0.1.
         _r("cifarconv_fp", "cifarconv", "cifar10", "EMPIR baseline / member 3", {**_CIFAR, "seed": 0}),
-        _r(
-            "cifarconv_a2w4",
-            "cifarconv",
-            "cifar10",
-            "EMPIR member 1",
-            {**_CIFAR_Q, "seed": 1},
-            wbits=4,
-            abits=2,
-        ),
-        _r(
-            "cifarconv_a2w2",
-            "cifarconv",
-            "cifar10",
-            "EMPIR member 2",
-            {**_CIFAR_Q, "seed": 2},
-            wbits=2,
-            abits=2,
-        ),
+        *[
+            _r(f"cifarconv_a2w{w}", "cifarconv", "cifar10", f"EMPIR member {i}", {**_CIFAR_Q, "seed": i},
+               wbits=w, abits=2)
+            for i, w in ((1, 4), (2, 2))
+        ],
         # Seed A's MNIST family (the seed trained 15 epochs with batch 64).
         _r("qnn_fp", "qnn_fp", "mnist", "seed A full precision, no dropout", {**_SEEDA_FP}, dropout=0.0),
         _r(
@@ -154,7 +129,7 @@ def _matches(ckpt: Path, recipe: Recipe, cfg: dict[str, Any]) -> bool:
         kwargs = info["model"]["kwargs"]
     except (OSError, ValueError, KeyError, TypeError):
         return True  # not a recipe checkpoint we can judge; loading it will report what is wrong
-    wanted = create_model(recipe.model, **recipe.model_kwargs).qrobust_config["kwargs"]
+    wanted = {**get_entry(recipe.model).params(), **recipe.model_kwargs}  # as create_model records them
     return trained == vars(TrainConfig(**cfg)) and kwargs == wanted
 
 

@@ -209,6 +209,7 @@ def train(
     x_test = y_test = None
     if test_split is not None:
         x_test, y_test = test_split.tensors(device)
+    steps_per_epoch = -(-len(data) // config.batch_size)
     for epoch in range(start, config.epochs):
         t0 = time.perf_counter()
         model.train()
@@ -217,10 +218,8 @@ def train(
         if progress:
             from tqdm import tqdm
 
-            batches = tqdm(batches, total=-(-len(data) // config.batch_size),
-                           desc=f"epoch {epoch + 1}/{config.epochs}",
+            batches = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
                            leave=False)
-        steps_per_epoch = -(-len(data) // config.batch_size)
         for i, (x, y) in enumerate(batches):
             for group in opt.param_groups:
                 group["lr"] = config.lr_at(epoch * steps_per_epoch + i, config.epochs * steps_per_epoch)

@@ -253,6 +253,24 @@ def test_cw_returns_smallest_successful_or_original(trained_mnistconv, batch):
     assert (predict(trained_mnistconv, x_t) == target).float().mean() > 0.5
 
 
+def test_cw_tests_the_iterate_of_its_last_step():
+    """One Adam step moves every coordinate by about lr in tanh space; that iterate must be tested.
+
+    Linear two-class model: class 1 wins once the pixel sum passes 2.2. From x = 0.5 (sum 2.0) one step of
+    lr 0.5 raises each pixel to about (tanh(0.5) + 1) / 2 = 0.73 (sum 2.9): fooled, found only if the
+    attack evaluates the iterate its last step produced.
+    """
+    model = nn.Linear(4, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[0.0] * 4, [1.0] * 4]))
+        model.bias.copy_(torch.tensor([2.2, 0.0]))
+    x = torch.full((1, 4), 0.5)
+    assert predict(model, x).item() == 0
+    x_adv = CWL2(steps=1, lr=0.5, c=10.0)(model, x)
+    assert predict(model, x_adv).item() == 1
+    assert x_adv.sum().item() == pytest.approx(4 * (torch.tanh(torch.tensor(0.5)).item() + 1) / 2, abs=1e-4)
+
+
 @pytest.mark.peer
 @pytest.mark.slow
 def test_cw_against_art(trained_mnistconv, batch):

@@ -5,6 +5,7 @@ inside the bounds) and ``f`` the hinge on the logit margin with confidence ``kap
 CleverHans' reference code (which both seeds ran), each forward pass serves both the loss and the
 success test of the current iterate, the best (smallest L2) successful iterate of each sample is
 kept, and after every binary step ``c`` is halved towards the last success or multiplied by 10.
+Unlike that code, the iterate left by the last Adam step is also tested (one extra forward pass).
 """
 
 from __future__ import annotations
@@ -102,6 +103,14 @@ class CWL2(Attack):
                     if value > prev * 0.9999:
                         break
                     prev = value
+            with torch.no_grad():  # the last Adam step's iterate: one more forward, so it is not wasted
+                adv = torch.tanh(w0 + modifier) * half + mid
+                ok = self._success(self._forward(model, adv), y, kappa)
+                l2 = (adv - x).flatten(1).square().sum(1)
+                succeeded |= ok
+                improved = ok & (l2 < best_l2)
+                best_l2 = torch.where(improved, l2, best_l2)
+                best_adv[improved] = adv[improved]
             # binary search on c, per sample
             upper = torch.where(succeeded, torch.minimum(upper, c), upper)
             lower = torch.where(succeeded, lower, torch.maximum(lower, c))

@@ -105,13 +105,13 @@ def main() -> int:
             "## Recipe zoo on the real datasets",
             "",
             f"Command: `python scripts/train_zoo.py --data-root ../shared/data` (torch {torch.__version__}, "
-            f"{torch.get_num_threads()} CPU threads, device {device}). Test accuracy on the full official "
+            f"device {device}). Test accuracy on the full official "
             "test set "
             "(10,000 images) with a Wilson 95% interval; img/s is the mean training throughput per epoch. "
             "Epochs are at most the seeds' 15 to fit two CPU cores; each recipe's settings (batch, Adam lr, "
             "constant or cosine schedule) are in `src/qrobust/recipes.py` and in each checkpoint's "
-            "config.json. Each recipe trained on one thread while up to six other jobs shared the two "
-            "cores, so train time and img/s are upper and lower bounds of what an idle machine gives "
+            "config.json. Each recipe trained on one thread (OMP_NUM_THREADS=1) while other jobs shared the "
+            "two cores (up to six; the 25-epoch a4w2 members trained beside each other and mnistconv_fp), so train time and img/s are upper and lower bounds of what an idle machine gives "
             "(`benchmarks/bench_train_step.py` measures speed). The a4w2 members were retrained with 25 "
             "epochs and cosine decay (6 constant-lr epochs had given 97.14 / 97.21%, 15 cosine epochs "
             "98.49 / 98.38%), the seed A full-"

@@ -105,7 +105,7 @@ def test_shipped_configs_validate(name):
     labels = [a.label for a in cfg.attacks]
     assert len(set(labels)) == len(labels)
     if name.startswith("empir"):
-        assert [e.targets for e in cfg.ensembles] == [["legacy", "adaptive"]]
+        assert [e.targets for e in cfg.ensembles] == [["legacy", "adaptive", "adaptive_logits"]]
         assert {"FGSM", "BIM", "PGD", "CW"} <= set(labels)
     if name == "quickstart":
         assert cfg.datasets["data"].source == "digits"
@@ -317,3 +317,53 @@ def test_sigkill_midway_then_rerun_resumes_without_redoing_work(tmp_path):
     assert {r["key"]: r["accuracy"] for r in ref.records} == {k: v[0] for k, v in after.items()}
     assert (tmp_path / "killed" / "report" / "index.html").is_file()
     assert "| fp |" in out
+
+
+ENSEMBLE_CFG = """
+name = "ens"
+data = "digits"
+samples = 60
+seed = 0
+batch_size = 200
+
+[train]
+epochs = 1
+batch_size = 64
+max_train = 300
+
+[[models]]
+name = "fp"
+arch = "mnistconv"
+
+[[models]]
+name = "q"
+arch = "mnistconv"
+options = { abits = 4, wbits = 2 }
+
+[[ensembles]]
+name = "e"
+members = ["q", "q", "fp"]
+targets = ["legacy", "adaptive", "adaptive_logits"]
+
+[[attacks]]
+name = "pgd"
+eps = [0.1]
+alpha = 0.05
+steps = 3
+models = ["e"]
+"""
+
+
+def test_ensemble_targets_differentiate_what_they_name(tmp_path):
+    """legacy / adaptive / adaptive_logits rows attack EMPIR's gradients, mean softmax, mean logits."""
+    (tmp_path / "ens.toml").write_text(ENSEMBLE_CFG)
+    summary = run_experiment(load_config(tmp_path / "ens.toml", output=str(tmp_path / "out")), progress=False,
+                             report=False)
+    attacks = {r["mode"]: r for r in summary.records if r["kind"] == "attack"}
+    assert set(attacks) == {"legacy", "adaptive", "adaptive_logits"}
+    assert attacks["adaptive"]["attack_config"]["target_output"] == "log_mean_softmax"
+    assert attacks["adaptive_logits"]["attack_config"]["target_output"] == "mean_logits"
+    assert attacks["adaptive_logits"]["row"] == "e [adaptive_logits]"
+    assert len({r["key"] for r in attacks.values()}) == 3
+    for r in attacks.values():  # every version is scored on the vote, never above clean accuracy
+        assert r["accuracy"] <= r["attack_result"]["clean_accuracy"]

@@ -21,7 +21,10 @@ from qrobust.errors import QrobustError
 
 ATTACK_RESERVED = ("name", "label", "eps", "table_eps", "models", "targets", "samples", "labels")
 LABELS = ("pred", "true")
-TARGETS = ("legacy", "adaptive")
+# ensemble threat models: EMPIR's own gradients, the whole ensemble through its mean softmax (Tramer et
+# al.), the whole ensemble through its mean logits (does not saturate on confident members)
+TARGETS = ("legacy", "adaptive", "adaptive_logits")
+DEFAULT_TARGETS = ("legacy", "adaptive")
 UNBOUNDED_EPS = 1.0  # L-inf radius that covers all of [0, 1]: any image can be reached
 _ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
 
@@ -55,7 +58,7 @@ class ModelSpec:
 class EnsembleSpec:
     name: str
     members: list[str]
-    targets: list[str] = field(default_factory=lambda: list(TARGETS))
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     options: dict[str, Any] = field(default_factory=dict)
     label: str = ""
 
@@ -497,10 +500,10 @@ def _ensembles(c: _Checker, value: Any, models: list[ModelSpec]) -> list[Ensembl
             raise c.fail(
                 f"{path}.members", f"members come from different datasets ({', '.join(sorted(datasets))})"
             )
-        targets = c.names(t.get("targets", list(TARGETS)), f"{path}.targets")
+        targets = c.names(t.get("targets", list(DEFAULT_TARGETS)), f"{path}.targets")
         bad = [x for x in targets if x not in TARGETS]
         if bad:
-            raise c.fail(f"{path}.targets", f"unknown target {bad[0]!r}; use {' or '.join(TARGETS)}")
+            raise c.fail(f"{path}.targets", f"unknown target {bad[0]!r}; use {', '.join(TARGETS)}")
         out.append(
             EnsembleSpec(
                 name,
@@ -567,7 +570,7 @@ def _attacks(c: _Checker, value: Any, targets: list[str]) -> list[AttackSpec]:
         tg = c.names(t["targets"], f"{path}.targets") if "targets" in t else None
         for x in tg or []:
             if x not in TARGETS:
-                raise c.fail(f"{path}.targets", f"unknown target {x!r}; use {' or '.join(TARGETS)}")
+                raise c.fail(f"{path}.targets", f"unknown target {x!r}; use {', '.join(TARGETS)}")
         samples = c.integer(t["samples"], f"{path}.samples", minimum=1) if "samples" in t else None
         labels_mode = t.get("labels", "pred")
         if labels_mode not in LABELS:

@@ -49,7 +49,7 @@ class Unit:
     row: str  # report row label
     attack: str  # attack label ("clean" for clean accuracy)
     eps: float | None = None
-    mode: str | None = None  # ensemble threat model: legacy | adaptive
+    mode: str | None = None  # ensemble threat model: legacy | adaptive | adaptive_logits
     spec: AttackSpec | None = None
     samples: int = 0
     describe: dict[str, Any] = field(default_factory=dict)
@@ -107,6 +107,14 @@ def bits_label(config: dict[str, Any] | None) -> str:
     if "bits" in kw:
         return "FP" if int(kw["bits"]) >= 32 else f"{int(kw['bits'])}-bit"
     return "FP"
+
+
+def ensemble_target(ensemble: Any, mode: str, attack: str) -> Any:
+    """The ensemble's attack target for a config threat model (``adaptive_logits`` = adaptive on the
+    mean of the members' logits)."""
+    if mode == "adaptive_logits":
+        return ensemble.attack_target("adaptive", attack, combine="mean_logits")
+    return ensemble.attack_target(mode, attack)
 
 
 class _OnTarget:
@@ -349,11 +357,9 @@ class Runner:
         if eps is not None:
             params["eps"] = eps
         if mode is not None and "loss" in attack_params(spec.name):
-            from qrobust.ensemble import AttackTarget
-
             ens = self._models[target_name]
             if mode == "legacy" or "loss" not in params:
-                params["loss"] = AttackTarget(ens, mode, spec.name).loss
+                params["loss"] = ensemble_target(ens, mode, spec.name).loss
         return params
 
     def plan(self, store: ResultStore) -> list[Unit]:
@@ -550,7 +556,7 @@ class Runner:
         assert spec is not None
         atk: Any = create_attack(spec.name, **self._attack_params(spec, u.eps, u.mode, u.target))
         if u.mode is not None:
-            target = model.attack_target(u.mode, spec.name)
+            target = ensemble_target(model, u.mode, spec.name)
             atk = _OnTarget(
                 atk,
                 target,

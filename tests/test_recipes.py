@@ -13,12 +13,14 @@ def _tiny(**train):
                           {"epochs": 1, "batch_size": 64, "max_train": 64, **train})
 
 
-def test_recipe_trains_once_then_reuses(tmp_path, monkeypatch):
+def test_recipe_trains_once_then_reuses(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(recipes.RECIPES, "tiny", _tiny())
     out = recipes.ensure_trained("tiny", zoo_dir=tmp_path)
+    assert f"training recipe tiny into {out}" in capsys.readouterr().err  # says where it trains
     stamp = (out / "model.safetensors").stat().st_mtime_ns
     assert recipes.ensure_trained("tiny", zoo_dir=tmp_path) == out
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp  # not retrained
+    assert "training recipe" not in capsys.readouterr().err
     model, cfg = load_checkpoint(out)
     assert cfg["recipe"] == "tiny" and cfg["train"]["max_train"] == 64
 

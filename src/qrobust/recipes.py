@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -164,6 +165,9 @@ def ensure_trained(
             n += 1
             old = out.with_name(f"{out.name}.superseded-{stamp}-{n}")
         out.rename(old)
+    # Say where: a caller in another directory would otherwise retrain silently (set QROBUST_ZOO to reuse).
+    print(f"qrobust: training recipe {name} into {out} (no matching checkpoint there; QROBUST_ZOO or "
+          f"zoo_dir point at another zoo)", file=sys.stderr, flush=True)
     data = load_dataset(recipe.dataset, root=data_root)
     torch.manual_seed(cfg.get("seed", 0))
     model = create_model(recipe.model, **recipe.model_kwargs)

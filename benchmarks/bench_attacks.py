@@ -110,6 +110,19 @@ def _jsma_floor(model, x, sizes: list[int], backward: int) -> float:
     return time.perf_counter() - t0
 
 
+def _in_turns(fns: dict, reps: int) -> dict[str, list[float]]:
+    """Time each function once per round, ``reps`` rounds, rotating the order every round, so machine
+    noise hits all of them alike; returns the times per function."""
+    names = list(fns)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(reps):
+        for k in names[r % len(names):] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            fns[k]()
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
 def _pgd_interleaved(model, x, pred, reps: int = 7) -> dict:
     """bare / qrobust / torchattacks PGD-40 timed in turns in ONE process (rotating order), so machine
     noise hits all three alike; returns medians and the median of the per-round ratios."""
@@ -128,13 +141,7 @@ def _pgd_interleaved(model, x, pred, reps: int = 7) -> dict:
     ours = PGD(eps=0.3, alpha=0.01, steps=40, random_start=True, seed=0)
     theirs = torchattacks.PGD(model, eps=0.3, alpha=0.01, steps=40, random_start=True)
     fns = {"bare": bare, "qrobust": lambda: ours(model, x, pred), "torchattacks": lambda: theirs(x, pred)}
-    names = list(fns)
-    times: dict[str, list[float]] = {k: [] for k in names}
-    for r in range(reps):
-        for k in names[r % 3:] + names[: r % 3]:
-            t0 = time.perf_counter()
-            fns[k]()
-            times[k].append(time.perf_counter() - t0)
+    times = _in_turns(fns, reps)
     rounds = range(reps)
     return {
         "interleaved_rounds": reps,
@@ -161,12 +168,7 @@ def _jsma_interleaved(model, x, art_classifier, reps: int = 5) -> dict:
     fns = {"qrobust": lambda: ours(model, x, goal), "art": lambda: theirs.generate(x.numpy(), y=goal.numpy())}
     for fn in fns.values():
         fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for r in range(reps):
-        for k in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-            t0 = time.perf_counter()
-            fns[k]()
-            times[k].append(time.perf_counter() - t0)
+    times = _in_turns(fns, reps)
     per_round = [times["art"][i] / times["qrobust"][i] for i in range(reps)]
     return {
         "interleaved_rounds": reps,

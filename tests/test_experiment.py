@@ -185,8 +185,8 @@ def test_store_commits_units_and_refuses_duplicates(tmp_path):
 
 # -- running, caching, resume ---------------------------------------------------------------------------
 
-TINY = """
-name = "tiny"
+PREAMBLE = """
+name = "{name}"
 data = "digits"
 samples = {samples}
 seed = 0
@@ -196,7 +196,9 @@ batch_size = 200
 epochs = 1
 batch_size = 64
 max_train = 300
+"""
 
+TINY = PREAMBLE + """
 [[models]]
 name = "fp"
 arch = "mnistconv"
@@ -220,7 +222,8 @@ def _write_tiny(
     pgd_eps: str = "[0, 0.1, 0.2, 0.3, 1.0]",
     steps: int = 4,
 ) -> Path:
-    path.write_text(TINY.format(samples=samples, fgsm_eps=fgsm_eps, pgd_eps=pgd_eps, steps=steps))
+    text = TINY.format(name="tiny", samples=samples, fgsm_eps=fgsm_eps, pgd_eps=pgd_eps, steps=steps)
+    path.write_text(text)
     return path
 
 
@@ -319,18 +322,7 @@ def test_sigkill_midway_then_rerun_resumes_without_redoing_work(tmp_path):
     assert "| fp |" in out
 
 
-ENSEMBLE_CFG = """
-name = "ens"
-data = "digits"
-samples = 60
-seed = 0
-batch_size = 200
-
-[train]
-epochs = 1
-batch_size = 64
-max_train = 300
-
+ENSEMBLE_CFG = PREAMBLE.format(name="ens", samples=60) + """
 [[models]]
 name = "fp"
 arch = "mnistconv"

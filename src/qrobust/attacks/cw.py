@@ -52,6 +52,16 @@ class CWL2(Attack):
             denom = (m2 / (1 - beta2**t)).sqrt_().add_(eps)
             param.addcdiv_(m1, denom, value=-self.lr / (1 - beta1**t))
 
+    @staticmethod
+    def _keep_best(ok: Tensor, l2: Tensor, adv: Tensor, best_l2: Tensor, best_adv: Tensor) -> Tensor:
+        """Store in ``best_adv`` the successful iterates closer than each sample's best so far; return the
+        updated best squared L2."""
+        improved = ok & (l2 < best_l2)
+        if not improved.any():
+            return best_l2
+        best_adv[improved] = adv[improved]
+        return torch.where(improved, l2, best_l2)
+
     def _forward(self, model: nn.Module, x: Tensor) -> Tensor:
         out = model(x)
         for _ in range(self.eot_samples - 1):
@@ -94,10 +104,7 @@ class CWL2(Attack):
                 with torch.no_grad():
                     ok = self._success(out.detach(), y, kappa)
                     succeeded |= ok
-                    improved = ok & (l2.detach() < best_l2)
-                    if improved.any():
-                        best_l2 = torch.where(improved, l2.detach(), best_l2)
-                        best_adv[improved] = adv.detach()[improved]
+                    best_l2 = self._keep_best(ok, l2.detach(), adv.detach(), best_l2, best_adv)
                 if self.abort_early and it % check_every == 0:
                     value = total.item()
                     if value > prev * 0.9999:
@@ -106,11 +113,8 @@ class CWL2(Attack):
             with torch.no_grad():  # the last Adam step's iterate: one more forward, so it is not wasted
                 adv = torch.tanh(w0 + modifier) * half + mid
                 ok = self._success(self._forward(model, adv), y, kappa)
-                l2 = (adv - x).flatten(1).square().sum(1)
                 succeeded |= ok
-                improved = ok & (l2 < best_l2)
-                best_l2 = torch.where(improved, l2, best_l2)
-                best_adv[improved] = adv[improved]
+                best_l2 = self._keep_best(ok, (adv - x).flatten(1).square().sum(1), adv, best_l2, best_adv)
             # binary search on c, per sample
             upper = torch.where(succeeded, torch.minimum(upper, c), upper)
             lower = torch.where(succeeded, lower, torch.maximum(lower, c))

@@ -1,4 +1,4 @@
-"""Monte-Carlo inference: T batched samples (qrobust.detect.mc_probs) vs a loop of T ordinary passes.
+"""Monte-Carlo inference: T batched samples (qrobust.mc.mc_probs) vs a loop of T ordinary passes.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_mc.py
 
@@ -36,7 +36,7 @@ def child(model_key: str, variant: str, n: int, t: int, repeats: int) -> dict:
 
     import torch
 
-    from qrobust.detect import mc_probs
+    from qrobust.mc import mc_probs
     from qrobust.models import create_model
 
     torch.manual_seed(0)

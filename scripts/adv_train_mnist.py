@@ -24,14 +24,14 @@ from pathlib import Path
 
 import torch
 
+from qrobust.adversary import make_adversary
 from qrobust.attacks import PGD
-from qrobust.checkpoint import CONFIG, load_checkpoint, save_checkpoint
-from qrobust.cli.adv import make_adversary
+from qrobust.checkpoint import CONFIG, load_checkpoint, train_to_checkpoint
 from qrobust.data import load_dataset
 from qrobust.evaluate import evaluate_attack
 from qrobust.recipes import ensure_trained
-from qrobust.train import TrainConfig, train
-from qrobust.utils import update_marked_section
+from qrobust.train import TrainConfig
+from qrobust.utils import configure_logging, update_marked_section
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="checkpoint folder (default: artifacts/adv/ named after the training settings)")
     p.add_argument("--doc", default=str(REPO / "docs" / "results" / "adversarial_training.md"))
     args = p.parse_args(argv)
+    configure_logging()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     data = load_dataset(args.data)
     base_dir = ensure_trained("mnistconv_fp")
@@ -89,19 +90,14 @@ def main(argv: list[str] | None = None) -> int:
                   f"test acc {r.test_accuracy:.4f} {r.seconds:.0f}s", flush=True)
 
         t0 = time.perf_counter()
-        result = train(model, data.train, data.test.head(args.n_test), cfg,
-                       adversary=ramped(make_adversary(train_attack, seed=args.seed + 1), train_attack,
-                                        args, len(data.train.head(args.max_train or len(data.train)))),
-                       state_dir=out.parent / f".{out.name}.train-state",
-                       on_epoch=report)
-        t_train = time.perf_counter() - t0
-        info = {"dataset": "mnist", "base": str(base_dir), "train": vars(cfg), **result.as_dict(),
+        adversary = ramped(make_adversary(train_attack, seed=args.seed + 1), train_attack, args,
+                           len(data.train.head(args.max_train or len(data.train))))
+        info = {"dataset": "mnist", "base": str(base_dir),
                 "adversarial_training": {"start": "from recipe mnistconv_fp (6 clean epochs)",
                                          **train_attack.config()}}
-        save_checkpoint(out, model, info, overwrite=True)
-        import shutil
-
-        shutil.rmtree(out.parent / f".{out.name}.train-state", ignore_errors=True)
+        train_to_checkpoint(out, model, data, cfg, test=data.test.head(args.n_test), info=info,
+                            adversary=adversary, on_epoch=report, overwrite=True)
+        t_train = time.perf_counter() - t0
     train_seconds = json.loads((out / CONFIG).read_text()).get("train_seconds", t_train)
 
     x, y = data.test.head(args.n_test).tensors()

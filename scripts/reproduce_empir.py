@@ -25,17 +25,17 @@ import qrobust
 from qrobust.attacks import create_attack
 from qrobust.checkpoint import CONFIG, load_checkpoint
 from qrobust.data import load_dataset
-from qrobust.ensemble import Ensemble, ensemble_attack
+from qrobust.ensemble import THREAT_MODELS, Ensemble, ensemble_attack
 from qrobust.evaluate import accuracy, evaluate_attack, predict, wilson_interval
 from qrobust.recipes import ensure_trained
 from qrobust.utils import atomic_write_json, resolve_device, update_marked_section
 
 REPO = Path(__file__).resolve().parents[1]
 ATTACKS = ("cw", "fgsm", "bim", "pgd")
-SYSTEMS = ("baseline", "legacy", "adaptive", "adaptive_logits")
-# adaptive attack objective per system: the mean softmax (Tramer et al.'s choice) saturates on confident
-# members, so the mean of the members' logits is attacked too
-COMBINE = {"adaptive": "mean_softmax", "adaptive_logits": "mean_logits"}
+SYSTEMS = ("baseline", *THREAT_MODELS)
+# Systems other than "baseline" are the ensemble threat models (qrobust.ensemble.THREAT_MODELS): the mean
+# softmax of "adaptive" (Tramer et al.'s choice) saturates on confident members, so "adaptive_logits"
+# attacks the mean of the members' logits too.
 
 SETUPS: dict[str, dict[str, Any]] = {
     "mnist": {
@@ -201,8 +201,7 @@ def main() -> int:
                                               else params))
         else:
             model = ens
-            mode = "legacy" if system == "legacy" else "adaptive"
-            atk = ensemble_attack(ens, atk_name, mode, combine=COMBINE.get(system, "mean_softmax"), **params)
+            atk = ensemble_attack(ens, atk_name, system, **params)  # system = the threat model
         xb, yb = x[start : start + size], y[start : start + size]
         res = evaluate_attack(model, atk, xb, yb, labels="pred", batch_size=args.batch_size, keep_adv=True)
         ok = (predict(model, res.x_adv, args.batch_size) == yb).tolist()
@@ -267,7 +266,7 @@ def main() -> int:
     tramer, tramer_logits = tramer_cells.get("pgd"), tramer_cells.get("pgd_logits")
     # per image, EMPIR survives an attack only if it survives every version of it (legacy and adaptive)
     for attack in ATTACKS:
-        masks = [results[s][attack]["correct_mask"] for s in ("legacy", "adaptive", "adaptive_logits")
+        masks = [results[s][attack]["correct_mask"] for s in THREAT_MODELS
                  if attack in results[s] and "correct_mask" in results[s][attack]]
         if len(masks) >= 2:
             m = min(len(k) for k in masks)

@@ -124,9 +124,7 @@ def weights_tag(cfg: dict) -> str:
 
 
 def build_attack(attack: str, mode: str, k: int):
-    from qrobust.attacks import FGSM, JSMA, PGD
-    from qrobust.attacks.detector_aware import EOTPGD, DetectorAwarePGD
-    from qrobust.detect import MCAverage
+    from qrobust.attacks import EOTPGD, FGSM, JSMA, PGD, DetectorAwarePGD, on_mc_mean
 
     if mode == "legacy":
         return {
@@ -136,24 +134,13 @@ def build_attack(attack: str, mode: str, k: int):
         }[attack]()
     if mode == "eot":
         if attack == "fgsm":
-            return EOTPGD(eps=0.3, alpha=0.3, steps=1, random_start=False, samples=k)
+            return EOTPGD(eps=0.3, alpha=0.3, steps=1, random_start=False, mc_samples=k)
         if attack == "pgd":
-            return EOTPGD(eps=0.3, alpha=0.01, steps=40, random_start=True, samples=k)
-        jsma = JSMA(theta=1.0, gamma=0.1)
-
-        class _JsmaEOT:
-            name = "jsma_eot"
-
-            def __call__(self, model, x, y=None):
-                return jsma(MCAverage(model, k), x, y)
-
-            def config(self):
-                return {**jsma.config(), "attack": "jsma_eot", "mc_samples": k}
-
-        return _JsmaEOT()
+            return EOTPGD(eps=0.3, alpha=0.01, steps=40, random_start=True, mc_samples=k)
+        return on_mc_mean(JSMA(theta=1.0, gamma=0.1), k)
     if mode == "aware":
         return DetectorAwarePGD(
-            eps=0.3, alpha=0.01, steps=40, random_start=True, samples=k, lam=10.0, kappa=1.0
+            eps=0.3, alpha=0.01, steps=40, random_start=True, mc_samples=k, lam=10.0, kappa=1.0
         )
     raise ValueError(mode)
 
@@ -167,13 +154,22 @@ def ci(succ: int, n: int) -> str:
     return f"[{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
+def roc(per: dict, stat: str, rows) -> dict | None:
+    """ROC points of statistic ``stat`` over the images ``rows`` (clean negatives, adversarial positives)."""
+    from qrobust.detect import roc_points
+
+    return roc_points(per[f"clean_{stat}"][rows], per[f"adv_{stat}"][rows])
+
+
 def run_cell(
     recipe: str, attack: str, mode: str, args, data, cache: Path, models: dict, clean_cache: dict
 ) -> dict:
     from safetensors.torch import load as st_load
     from safetensors.torch import save as st_save
 
-    from qrobust.detect import is_stochastic, mc_probs, run_detection, save_roc_png
+    from qrobust.detect import run_detection
+    from qrobust.mc import is_stochastic, mc_probs
+    from qrobust.report.plots import roc_plot
 
     path = Path(args.zoo) / recipe
     if recipe not in models:
@@ -210,15 +206,16 @@ def run_cell(
     held, succ = per["heldout"], per["success"]
     hs = held[succ[held]]
     cid = cell_id(recipe, attack, mode)
-    png = save_roc_png(
+    png = roc_plot(
         Path(args.out).parent / "figures" / f"qnn_detection_{cid}.png",
         {
-            "seed variance, all attacked": (per["clean_seed_variance"][held], per["adv_seed_variance"][held]),
-            "seed variance, successful": (per["clean_seed_variance"][hs], per["adv_seed_variance"][hs]),
-            "mutual information, all": (per["clean_mutual_info"][held], per["adv_mutual_info"][held]),
-            "entropy, all": (per["clean_entropy"][held], per["adv_entropy"][held]),
+            "seed variance, all attacked": roc(per, "seed_variance", held),
+            "seed variance, successful": roc(per, "seed_variance", hs),
+            "mutual information, all": roc(per, "mutual_info", held),
+            "entropy, all": roc(per, "entropy", held),
         },
         f"{recipe} {attack} ({MODE_TEXT[mode]}), held-out {len(held)} images, T={args.mc}",
+        mark_fpr=0.05,
     )
     single_adv = (run.probs_adv.argmax(-1) == y[None]).double().mean(1)
     return {
@@ -287,12 +284,12 @@ def render(cache: Path, args) -> str:
         "- Modes: **one sample (seed)** - gradients through one random dropout/weight sample per step, "
         "what the "
         f"seed did; **EOT** - PGD/FGSM gradient averaged over K = {args.eot} Monte-Carlo copies (batched: "
-        "`qrobust.attacks.detector_aware.EOTPGD`), JSMA on the mean softmax of K copies; "
+        "`qrobust.attacks.EOTPGD`, registry name `eot_pgd`), JSMA on the mean softmax of K copies; "
         "**detector-aware** - "
         "PGD (eps 0.3, 0.01 x 40, random start) ascending min(margin of the K-copy mean log-softmax, 1) - "
         "10 x "
         f"seed variance estimated from the same K copies (`DetectorAwarePGD`, lambda 10, kappa 1).",
-        f"- Monte-Carlo: T = {args.mc} passes (batched, `qrobust.detect.mc_probs`; generator seeds 1 clean, "
+        f"- Monte-Carlo: T = {args.mc} passes (batched, `qrobust.mc.mc_probs`; generator seeds 1 clean, "
         "2 "
         "adversarial). *single* = accuracy of one pass (mean over the T passes; the seed logged the last "
         "pass), "

@@ -16,6 +16,8 @@ if [ "${1:-}" = "--test" ]; then
   python -m pip install -q -e ".[test]"
   # torchattacks pins requests~=2.25; it needs nothing beyond torch/numpy/scipy, so skip its pins.
   python -m pip install -q --no-deps "torchattacks==3.5.1"
+  # CleverHans 4 (benchmarks/bench_cw.py, tests/test_cw.py): its torch attacks need only torch.
+  python -m pip install -q --no-deps "cleverhans==4.0.0"
 else
   python -m pip install -q -e .
 fi

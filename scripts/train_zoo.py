@@ -2,24 +2,28 @@
 
     python scripts/train_zoo.py --data-root ../shared/data [--only mnistconv_fp qnn_bnn ...]
 
-Already trained checkpoints (in artifacts/zoo, or --zoo) are reused, so rerunning only fills gaps;
-an interrupted training resumes from its last finished epoch.
+Trains into the repository's pretrained zoo (``zoo/``, or --zoo) and records every checkpoint's
+hashes in ``zoo/SHA256SUMS``, which :mod:`qrobust.zoo` verifies on load. Checkpoints already there
+are reused, and a matching one in --reuse (the old training cache, artifacts/zoo) is copied instead
+of retrained, so rerunning only fills gaps; an interrupted training resumes from its last epoch.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from qrobust.checkpoint import read_config
+from qrobust import zoo
+from qrobust.checkpoint import CONFIG, read_config
 from qrobust.evaluate import wilson_interval
-from qrobust.recipes import RECIPES, ensure_trained
-from qrobust.utils import resolve_device, update_marked_section
+from qrobust.recipes import RECIPES, ensure_trained, matches
+from qrobust.utils import configure_logging, resolve_device, update_marked_section
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = {
@@ -53,27 +57,48 @@ def recorded_rows(out: Path) -> dict[str, str]:
     return rows
 
 
+def reuse(name: str, source: Path, target: Path) -> bool:
+    """Copy recipe ``name`` from an older zoo when it was trained with the recipe's current settings."""
+    src, dst = source / name, target / name
+    if (dst / CONFIG).is_file() or not (src / CONFIG).is_file() or not matches(src, RECIPES[name]):
+        return False
+    read_config(src)  # refuse a corrupt one here rather than at first use
+    tmp = target / f".{name}.copy"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    tmp.rename(dst)
+    print(f"   copied from {src}", file=sys.stderr, flush=True)
+    return True
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
-    ap.add_argument("--zoo", default=str(REPO / "artifacts" / "zoo"))
+    ap.add_argument("--zoo", default=str(REPO / "zoo"), help="zoo to fill (default: the repository's zoo/)")
+    ap.add_argument("--reuse", default=str(REPO / "artifacts" / "zoo"),
+                    help="copy matching checkpoints from this older zoo instead of retraining")
     ap.add_argument("--only", nargs="*", default=None, help="recipe names (default: all)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--report-only", action="store_true", help="train nothing; rewrite the table")
     ap.add_argument("--out", default=str(REPO / "docs" / "results" / "training.md"))
     args = ap.parse_args()
+    configure_logging()
     device = resolve_device(args.device)
     names = [] if args.report_only else (args.only or list(RECIPES))
     for name in names:
         t0 = time.time()
         print(f"== {name}", file=sys.stderr, flush=True)
-        ensure_trained(
-            name,
-            zoo_dir=args.zoo,
-            data_root=args.data_root,
-            device=device,
-            on_epoch=lambda r: print(f"  {r}", file=sys.stderr, flush=True),
-        )
+        Path(args.zoo).mkdir(parents=True, exist_ok=True)
+        if not reuse(name, Path(args.reuse), Path(args.zoo)):
+            ensure_trained(
+                name,
+                zoo_dir=args.zoo,
+                data_root=args.data_root,
+                device=device,
+                on_epoch=lambda r: print(f"  {r}", file=sys.stderr, flush=True),
+            )
+        if (Path(args.zoo) / name / CONFIG).is_file():  # not when found in another ($QROBUST_ZOO) zoo
+            zoo.record_sums(args.zoo, name)
         print(f"   done in {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
     rows = [
         "| recipe | model | options | epochs | test acc (95% CI) | target | seed reported | train time "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
@@ -14,6 +15,48 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("QROBUST_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+def _peers_required() -> bool:
+    return os.environ.get("QROBUST_REQUIRE_PEERS", "0") not in ("", "0")
+
+
+def require_peer(name: str):
+    """Import the peer library ``name`` (torchattacks, art, cleverhans.torch...) for an oracle test.
+
+    A user without the test extras gets a skip; CI sets ``QROBUST_REQUIRE_PEERS=1`` (``.ci/run``) so that a
+    missing or broken peer FAILS the run instead of silently skipping the oracle comparisons.
+    """
+    if _peers_required():
+        try:
+            return importlib.import_module(name)
+        except ImportError as exc:
+            pytest.fail(f"peer library {name!r} is required (QROBUST_REQUIRE_PEERS is set) but cannot be "
+                        f"imported: {exc}; install the test extras with `bash scripts/setup.sh --test`",
+                        pytrace=False)
+    return pytest.importorskip(name)
+
+
+def _fail_missing_peer(report) -> None:
+    """Safety net for ``require_peer``: with QROBUST_REQUIRE_PEERS set, a plain ``pytest.importorskip``
+    skip (a missing module), in a test or at module level, is reported as a failure too."""
+    if report.skipped and _peers_required() and isinstance(report.longrepr, tuple):
+        reason = str(report.longrepr[2])
+        if "could not import" in reason:
+            report.outcome = "failed"
+            report.longrepr = f"{reason} (QROBUST_REQUIRE_PEERS is set: a missing peer library fails the run)"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _fail_missing_peer(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    _fail_missing_peer(outcome.get_result())
 
 
 @pytest.fixture(scope="session")

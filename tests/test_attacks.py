@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import require_peer
 from qrobust.attacks import (
     BIM,
     CWL2,
@@ -39,7 +40,7 @@ def _in_budget(x, x_adv, eps=None):
 
 @pytest.mark.peer
 def test_fgsm_equals_torchattacks(trained_mnistconv, batch):
-    torchattacks = pytest.importorskip("torchattacks")
+    torchattacks = require_peer("torchattacks")
     x, y = batch
     ref = torchattacks.FGSM(trained_mnistconv, eps=0.3)(x, y)
     ours = FGSM(eps=0.3)(trained_mnistconv, x, y)
@@ -51,7 +52,7 @@ def test_fgsm_equals_torchattacks(trained_mnistconv, batch):
 @pytest.mark.parametrize("ours_cls", ["bim", "pgd_fixed_start"])
 def test_iterative_equals_torchattacks(trained_mnistconv, batch, ours_cls):
     """BIM and PGD from a fixed (clean) start follow torchattacks' iterates exactly (eps 0.3, 0.01 x 15)."""
-    torchattacks = pytest.importorskip("torchattacks")
+    torchattacks = require_peer("torchattacks")
     x, y = batch
     if ours_cls == "bim":
         ref = torchattacks.BIM(trained_mnistconv, eps=0.3, alpha=0.01, steps=15)(x, y)
@@ -278,7 +279,7 @@ def test_cw_against_art(trained_mnistconv, batch):
 
     One-sided: qrobust's success rate is at least ART's minus 10 points and its mean L2 at most 110% of ART's.
     """
-    pytest.importorskip("art")
+    require_peer("art")
     from art.attacks.evasion import CarliniL2Method
     from art.estimators.classification import PyTorchClassifier
 
@@ -303,7 +304,7 @@ def test_cw_against_art(trained_mnistconv, batch):
 @pytest.fixture(scope="module")
 def jsma_art(trained_mnistconv, digits_test):
     """ART's JSMA (theta 1, gamma 0.1) on 30 images with fixed random targets != prediction."""
-    pytest.importorskip("art")
+    require_peer("art")
     from art.attacks.evasion import SaliencyMapMethod
     from art.estimators.classification import PyTorchClassifier
 
@@ -399,3 +400,69 @@ def test_jsma_large_images_stay_memory_bounded():
     x_adv = JSMA(theta=1.0, gamma=2e-5)(model, x)  # 3 pair steps at most
     changed = perturbation_norms(x, x_adv)[0]
     assert changed.max() <= 6 and x_adv.max() <= 1.0
+
+
+# -- composition: attack a view of the model, score on the model; the one alias table --
+
+class _Negated(nn.Module):
+    """A view whose gradient is the opposite of the model's (and whose prediction differs)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return -self.model(x)
+
+
+def test_on_view_differentiates_the_view_and_is_scored_on_the_model(trained_mnistconv, batch):
+    from qrobust.attacks import Attack, OnView
+
+    x, y = batch
+    model = trained_mnistconv
+    view = _Negated(model)
+    pred = predict(model, x)
+    atk = OnView(FGSM(eps=0.2), _Negated, info={"view": "negated"})
+    adv = atk(model, x)  # labels: the model's own prediction
+    torch.testing.assert_close(adv, FGSM(eps=0.2)(view, x, pred))  # gradients of the view ...
+    assert not torch.equal(adv, FGSM(eps=0.2)(model, x, pred))  # ... which differ from the model's
+    # labels="view": the view's prediction; a fixed module works as the view too
+    torch.testing.assert_close(OnView(FGSM(eps=0.2), view, labels="view")(model, x), FGSM(eps=0.2)(view, x))
+    res = evaluate_attack(model, atk, x, y, labels="pred", batch_size=32, keep_adv=True)
+    torch.testing.assert_close(res.x_adv, adv)
+    assert res.adversarial_accuracy == (predict(model, adv) == y).float().mean().item()  # scored on the model
+    assert res.attack == "fgsm" and res.params["view"] == "negated" and res.params["eps"] == 0.2
+    assert isinstance(atk, Attack)
+    with pytest.raises(QrobustError, match="labels"):
+        OnView(FGSM(), view, labels="ensemble")
+
+
+def test_one_alias_table_maps_every_old_alias():
+    from qrobust.attacks import canonical_name, seed_attack_name
+
+    old = {  # registry, ensemble, cli/detect and cli/empir tables before they were merged
+        "cwl2": "cw", "cw_l2": "cw", "cw-l2": "cw", "fgsm-random": "fgsm_random", "ifgsm": "bim",
+        "FGSM": "fgsm", "fgm": "fgsm", "BasicIter": "bim", "MadryEtAl": "pgd", "CWL2": "cw",
+        "CarliniWagnerL2": "cw", "SaliencyMapMethod": "jsma", "FastGradientMethod": "fgsm",
+        "BasicIterativeMethod": "bim", "Carlini-Wagner L2": "cw",
+    }
+    for alias, name in old.items():
+        assert canonical_name(alias) == name, alias
+        assert type(create_attack(alias)).name == name
+    assert [seed_attack_name(c) for c in ("0", "1", "2", "3", "4")] == ["cw", "jsma", "fgsm", "pgd", "bim"]
+    for bad in ("5", "fgsm_random", "deepfool"):
+        with pytest.raises(QrobustError, match="unknown attack"):
+            seed_attack_name(bad)
+
+
+def test_mc_attacks_are_registered_and_exported():
+    from qrobust.attacks import ATTACKS, EOTPGD, DetectorAwarePGD, attack_params
+
+    assert ATTACKS["eot_pgd"] is EOTPGD and ATTACKS["detector_aware_pgd"] is DetectorAwarePGD
+    a = create_attack("EOT-PGD", eps=0.1, steps=3, mc_samples=4, seed=2)
+    assert isinstance(a, EOTPGD) and a.config()["mc_samples"] == 4 and a.config()["attack"] == "eot_pgd"
+    d = create_attack("detector_aware_pgd", lam=3.0, mc_samples=2)
+    assert d.config()["lam"] == 3.0
+    assert {"lam", "kappa", "mc_samples"} <= set(attack_params("detector_aware_pgd"))
+    with pytest.raises(QrobustError, match="mc_samples"):
+        create_attack("eot_pgd", mc_samples=0)

@@ -56,11 +56,32 @@ def test_attack_cli_errors(checkpoint, capsys, argv, message):
 
 
 def test_attack_cli_targeted_and_jsma(checkpoint, tmp_path):
-    out_json = tmp_path / "t.json"
+    import torch
+
+    from qrobust.checkpoint import load_checkpoint
+    from qrobust.evaluate import predict
+
+    out_json, out_npz = tmp_path / "t.json", tmp_path / "t.npz"
     assert main(["attack", str(checkpoint), "--attack", "jsma", "--gamma", "0.05", "--target", "3",
-                 "-n", "10", "--json-out", str(out_json), "--quiet"]) == 0
+                 "-n", "10", "--json-out", str(out_json), "--save-adv", str(out_npz), "--quiet"]) == 0
     record = json.loads(out_json.read_text())
-    assert record["params"]["targeted"] is True and record["mean_linf"] <= 1.0
+    assert record["params"]["targeted"] is True
+    with np.load(out_npz) as z:
+        x, x_adv = torch.from_numpy(z["x"]), torch.from_numpy(z["x_adv"])
+        assert (z["targets"] == 3).all()
+    # recompute the record from the saved images: success = clean prediction != 3 and adversarial one == 3
+    model, _ = load_checkpoint(checkpoint)
+    pred, pred_adv = predict(model, x), predict(model, x_adv)
+    success = (pred != 3) & (pred_adv == 3)
+    assert record["success_rate"] == pytest.approx(success.sum().item() / (pred != 3).sum().item())
+    d = (x_adv - x).flatten(1)
+    assert success.any()
+    assert record["mean_linf"] == pytest.approx(d.abs().amax(1)[success].mean().item(), abs=1e-6)
+    l0 = (d.abs() > 0.5 / 255).sum(1)  # changes under half a grey level do not count
+    assert record["mean_l0"] == pytest.approx(l0[success].float().mean().item())
+    # JSMA theta 1 sets the pixels it changes to 1, at most 2 * floor(784 * 0.05 / 2) = 38 of them per image
+    changed = d.abs() > 0
+    assert (x_adv.flatten(1)[changed] == 1).all() and changed.sum(1).max() <= 38
 
 
 def test_train_cli_madry_weight_and_cosine_are_recorded(tmp_path, capsys):

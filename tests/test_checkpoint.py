@@ -136,3 +136,58 @@ def test_shape_mismatch_refused_for_files_without_description(tmp_path):
     (tmp_path / "ck" / WEIGHTS).write_bytes(blob)
     loaded, _ = load_checkpoint(tmp_path / "ck")  # and still load when they do fit
     assert torch.equal(loaded.classifier.weight, model.classifier.weight)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_train_to_checkpoint_resumes_an_interrupted_run_and_cleans_up(tmp_path, digits):
+    """The one train-to-checkpoint path: killed after epoch 1, rerun finishes with the same weights."""
+    from dataclasses import asdict
+
+    from qrobust.checkpoint import train_state_dir, train_to_checkpoint
+    from qrobust.data import Dataset
+    from qrobust.train import TrainConfig
+
+    data = Dataset(digits.train.head(128), digits.test.head(32), "digits")
+    cfg = TrainConfig(epochs=2, batch_size=64, seed=0)
+    ref = tmp_path / "ref"
+    train_to_checkpoint(ref, _model(wbits=2, abits=4), data, cfg)
+
+    out = tmp_path / "ck"
+
+    def stop(rec):
+        if rec.epoch == 1:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        train_to_checkpoint(out, _model(wbits=2, abits=4), data, cfg, on_epoch=stop)
+    assert not out.exists() and (train_state_dir(out) / "train_state.safetensors").is_file()
+    epochs = []
+    result = train_to_checkpoint(out, _model(seed=9, wbits=2, abits=4), data, cfg, info={"note": "x"},
+                                 on_epoch=lambda r: epochs.append(r.epoch))
+    assert epochs == [2] and len(result.history) == 2  # resumed, not restarted
+    assert not train_state_dir(out).exists()
+    got, want = load_checkpoint(out)[0].state_dict(), load_checkpoint(ref)[0].state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    info = read_config(out)
+    assert info["note"] == "x" and info["train"] == asdict(cfg) and info["test_samples"] == 32
+    # an existing checkpoint is refused before any training, unless overwriting is asked for
+    with pytest.raises(QrobustError, match="already exists"):
+        train_to_checkpoint(out, _model(wbits=2, abits=4), data, cfg, on_epoch=stop)
+
+
+def test_check_model_data_refuses_mismatches(digits):
+    from qrobust.checkpoint import check_model_data
+    from qrobust.data import Dataset, Split
+
+    check_model_data(_model(), digits)  # fits
+    with pytest.raises(QrobustError, match=r"has images of shape \(1, 28, 28\) but cifarconv expects"):
+        check_model_data(_model("cifarconv"), digits)
+    empty = Split(digits.train.x[:0], digits.train.y[:0], "train")
+    with pytest.raises(QrobustError, match="train holds no images"):
+        check_model_data(_model(), Dataset(empty, digits.test, "digits"))
+    wide = Split(digits.train.x[:8], torch.arange(8) * 2, "train")
+    with pytest.raises(QrobustError, match=r"labels up to 14 but mnistconv predicts 10 classes"):
+        check_model_data(_model(), Dataset(wide, digits.test, "digits"))

@@ -174,3 +174,17 @@ def test_unwritable_output_directory(tiny_npz, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
     code, _, err = run_cli(_train_args(tiny_npz, tmp_path / "ro" / "ck"), capsys)
     assert code == 2 and "is not writable (Permission denied)" in err and "--out" in err
+
+
+def test_progress_bars_only_on_a_terminal(tiny_npz, tmp_path, capsys, monkeypatch):
+    """A log or CI gets one line per epoch, not progress-bar redraws."""
+    from qrobust.utils import show_progress
+
+    args = [a for a in _train_args(tiny_npz, tmp_path / "ck", "--epochs", "2") if a != "--quiet"]
+    args[args.index("--epochs") + 1] = "2"
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert "epoch   1" in err and "epoch   2" in err and "\r" not in err and "it/s" not in err
+    assert not show_progress(True)
+    monkeypatch.setattr(sys, "stderr", type("Tty", (), {"isatty": staticmethod(lambda: True)})())
+    assert show_progress(True) and not show_progress(False)

@@ -1,4 +1,4 @@
-"""Monte-Carlo sampling, uncertainty statistics and detection metrics (qrobust.detect)."""
+"""Monte-Carlo sampling (qrobust.mc), uncertainty statistics and detection metrics (qrobust.detect)."""
 
 from __future__ import annotations
 
@@ -10,21 +10,17 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from qrobust.detect import (
-    MCAverage,
     detection_metrics,
     evaluate_detection,
-    is_stochastic,
-    keep_mask,
     mc_accuracy,
-    mc_logits,
-    mc_probs,
     rank_auc,
-    save_roc_png,
+    roc_points,
     seed_lr_score,
     tpr_at_fpr,
     uncertainty,
 )
 from qrobust.errors import QrobustError
+from qrobust.mc import MCAverage, is_stochastic, keep_mask, mc_logits, mc_probs, predictive_variance
 from qrobust.models import create_model
 
 
@@ -63,6 +59,12 @@ def test_seed_variance_matches_numpy_like_the_seed():
     p = rng.dirichlet(np.ones(10), size=(50, 7))
     ours = uncertainty(torch.from_numpy(p))["seed_variance"].numpy()
     np.testing.assert_allclose(ours, p.var(axis=0).mean(axis=1), rtol=1e-12)  # model_eval_multi_run
+    # The one variance score, along any copy axis (attacks use (B, K, C)); differentiable.
+    pt = torch.from_numpy(p).requires_grad_(True)
+    np.testing.assert_allclose(predictive_variance(pt.transpose(0, 1), dim=1).detach().numpy(), ours,
+                               rtol=1e-12)
+    predictive_variance(pt).sum().backward()
+    assert pt.grad is not None and pt.grad.abs().sum() > 0
 
 
 def test_mc_accuracy_group_vs_single_pass():
@@ -223,9 +225,14 @@ def test_evaluate_detection_end_to_end(tmp_path):
     assert d["heldout_all"]["seed_variance"]["auc"] == 1.0  # clean inputs have zero variance
     assert d["n_heldout"] == 30 and rep.seed_lr_score > 0.9
     assert d["heldout_success"]["seed_variance"]["n_pos"] == int(per["success"][per["heldout"]].sum())
-    curves = {"var": (per["clean_seed_variance"], per["adv_seed_variance"])}
-    png = save_roc_png(tmp_path / "roc.png", curves, "t")
+    from qrobust.report.plots import roc_plot
+
+    curves = {"var": roc_points(per["clean_seed_variance"], per["adv_seed_variance"]),
+              "empty": roc_points(per["clean_seed_variance"][:0], per["adv_seed_variance"])}
+    assert curves["var"]["auc"] == 1.0 and curves["empty"] is None
+    png = roc_plot(tmp_path / "roc.png", curves, "t", mark_fpr=0.05)
     assert png.read_bytes()[:4] == b"\x89PNG"
+    assert roc_plot(tmp_path / "none.png", {"empty": None}, "t") is None
 
 
 def test_auto_falls_back_to_repeat_when_branches_mix_batch_sizes(x_small):
@@ -250,7 +257,7 @@ def test_auto_falls_back_to_repeat_when_branches_mix_batch_sizes(x_small):
 
 
 def test_binary_matmul_is_exact_or_declines():
-    from qrobust.detect import BF16_EXACT_INT, _fast_bf16, binary_matmul
+    from qrobust.mc import BF16_EXACT_INT, _fast_bf16, binary_matmul
 
     g = torch.Generator().manual_seed(0)
     a = torch.randint(-1, 2, (64, 300), generator=g).float()  # {-1, 0, 1}
@@ -280,3 +287,31 @@ def test_rbnn_inference_without_grad_equals_plain_passes_exactly(x_small):
         batched = mc_logits(m, x_small, 8, batch_size=6)
     wq.generator = None
     torch.testing.assert_close(batched, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_mc_attacks_can_be_named_in_an_experiment_config():
+    """EOT-PGD and detector-aware PGD are registry attacks, so a TOML config can express seed A's protocol."""
+    from qrobust.attacks import EOTPGD, DetectorAwarePGD, create_attack
+    from qrobust.experiment import parse_config
+
+    cfg = parse_config({
+        "data": "digits",
+        "models": [{"name": "mcd", "arch": "qnn_fp", "options": {"dropout": 0.5}}],
+        "attacks": [{"name": "eot_pgd", "eps": 0.3, "mc_samples": 4, "steps": 5},
+                    {"name": "detector_aware_pgd", "eps": 0.3, "mc_samples": 4, "lam": 10.0}],
+    })
+    built = [create_attack(a.name, **a.params, eps=0.3) for a in cfg.attacks]
+    assert isinstance(built[0], EOTPGD) and built[0].mc_samples == 4 and built[0].attack.steps == 5
+    assert isinstance(built[1], DetectorAwarePGD) and built[1].lam == 10.0
+    with pytest.raises(QrobustError, match="does not take"):
+        parse_config({"data": "digits", "models": [{"name": "m", "arch": "qnn_fp"}],
+                      "attacks": [{"name": "eot_pgd", "eps": 0.3, "lam": 1.0}]})
+
+
+def test_attacks_use_the_mc_engine_without_importing_detection():
+    import subprocess
+    import sys
+
+    code = "import sys, qrobust.attacks; print('qrobust.mc' in sys.modules, 'qrobust.detect' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "False"]

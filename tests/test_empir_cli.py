@@ -43,8 +43,11 @@ def _ensemble_args(zoo, data_dir) -> list[str]:
 def test_attack_codes_follow_empir():
     assert [parse_attack(str(i)) for i in range(5)] == ["cw", "jsma", "fgsm", "pgd", "bim"]
     assert parse_attack("MadryEtAl") == "pgd" and parse_attack("CW-L2") == "cw"
-    with pytest.raises(argparse.ArgumentTypeError):
-        parse_attack("7")
+    assert parse_attack("FGM") == "fgsm" and parse_attack("BasicIterativeMethod") == "bim"
+    assert parse_attack("SaliencyMapMethod") == "jsma" and parse_attack("carlini_wagner_l2") == "cw"
+    for bad in ("7", "fgsm_random", "eot_pgd"):  # EMPIR's five attacks only
+        with pytest.raises(argparse.ArgumentTypeError, match="unknown attack"):
+            parse_attack(bad)
 
 
 def test_ensemble_fgsm_legacy_and_adaptive(capsys, empir_zoo, mnist_npz, trained_mnistconv,

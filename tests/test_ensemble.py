@@ -242,3 +242,51 @@ def test_errors_are_user_facing():
         Ensemble([])
     with pytest.raises(QrobustError, match="input shapes"):
         Ensemble([create_model("mnistconv"), create_model("cifarconv")])
+
+
+# ---------------------------------------------------------------- threat models and the composed attack
+
+def test_one_threat_model_enumeration_and_adaptive_logits():
+    from qrobust.cli.empir import register  # noqa: F401  (the CLI's --target choices come from it too)
+    from qrobust.ensemble import THREAT_MODELS
+    from qrobust.experiment.config import TARGETS
+
+    assert TARGETS is THREAT_MODELS == ("legacy", "adaptive", "adaptive_logits")
+    x = _x()
+    a, b, fp = Fixed(1, seed=1), Fixed(1, seed=2), Fixed(2, seed=3)
+    ens = Ensemble([a, b, fp], designated=2)
+    y = ens.predict(x)
+    ce = lambda out: F.cross_entropy(out, y, reduction="none")  # noqa: E731
+    z = x.clone().requires_grad_(True)  # oracle: CE on the mean of the members' logits
+    F.cross_entropy(sum(m(z) for m in (a, b, fp)) / 3, y, reduction="none").sum().backward()
+    target = ens.attack_target("adaptive_logits", "pgd")
+    assert target.mode == "adaptive_logits" and target.output == "mean_logits"
+    torch.testing.assert_close(_grad(target, x, ce), z.grad)
+    same = ens.attack_target("adaptive", "pgd", combine="mean_logits")
+    torch.testing.assert_close(_grad(same, x, ce), z.grad)
+    with pytest.raises(QrobustError, match="adaptive_logits combines mean_logits"):
+        ens.attack_target("adaptive_logits", "pgd", combine="mean_softmax")
+
+
+def test_ensemble_attack_differentiates_the_target_and_is_scored_on_the_ensemble():
+    from qrobust.attacks import FGSM, Attack
+    from qrobust.ensemble import ensemble_attack, on_target
+    from qrobust.evaluate import evaluate_attack
+
+    x = _x(8)
+    a, b, fp = Fixed(1, seed=1), Fixed(1, seed=2), Fixed(2, seed=3)
+    ens = Ensemble([a, b, fp], designated=2)
+    atk = ensemble_attack(ens, "FGM", "legacy", eps=0.3)
+    assert isinstance(atk, Attack) and atk.name == "fgsm"
+    target = ens.attack_target("legacy", "fgsm")
+    ref = FGSM(eps=0.3, loss="ce_prob")(target, x, ens.predict(x))  # labels: the ensemble's own vote
+    torch.testing.assert_close(atk(ens, x), ref)
+    res = evaluate_attack(ens, atk, x, ens.predict(x), labels="pred", batch_size=8, keep_adv=True)
+    assert res.adversarial_accuracy == (ens.predict(res.x_adv) == ens.predict(x)).float().mean().item()
+    cfg = res.params
+    assert cfg["ensemble_mode"] == "legacy" and cfg["target_output"] == target.output
+    assert cfg["loss"] == "ce_prob" and cfg["target"] == target.description
+    with pytest.raises(QrobustError, match="needs loss='ce_prob'"):
+        on_target(FGSM(eps=0.3), target)  # legacy: the loss is part of EMPIR's threat model
+    adaptive = on_target(FGSM(eps=0.3, loss="cw"), ens.attack_target("adaptive", "fgsm"))  # free loss
+    assert adaptive.config()["loss"] == "cw"

@@ -261,6 +261,55 @@ def test_rerun_skips_finished_work_and_new_eps_only_adds_units(tmp_path):
     assert rec["attack_config"]["eps"] == rec["eps"]
 
 
+def test_bumping_an_attack_version_recomputes_only_its_cells(tmp_path, monkeypatch):
+    from qrobust.attacks import FGSM, PGD
+    from qrobust.experiment import runner
+
+    cfg_path = _write_tiny(
+        tmp_path / "tiny.toml", samples=40, fgsm_eps="[0.1, 0.2]", pgd_eps="[0.1]", steps=2
+    )
+    out = tmp_path / "out"
+
+    def run(progress=False, **kw):
+        return run_experiment(load_config(cfg_path, output=str(out)), report=False, progress=progress, **kw)
+
+    lines: list[str] = []
+    first = run(progress=True, log=lines.append)  # stderr is no terminal here: a line per unit, no bar
+    assert (first.total, first.computed) == (4, 4)  # clean, fgsm x 2, pgd
+    assert [x.split()[0] for x in lines if x.startswith("[")] == ["[1/4]", "[2/4]", "[3/4]", "[4/4]"]
+    monkeypatch.setattr(FGSM, "version", "2")
+    second = run()
+    assert (second.computed, second.skipped, second.models_trained) == (2, 2, 0)
+    new = {r["key"] for r in second.records} - {r["key"] for r in first.records}
+    assert sorted(r["attack_name"] for r in second.records if r["key"] in new) == ["fgsm", "fgsm"]
+    # the recomputed cells are what the first run computed (same code, only the version moved)
+    assert [r["accuracy"] for r in second.records] == [r["accuracy"] for r in first.records]
+    monkeypatch.setattr(FGSM, "version", "1")  # back at "1": the cells stored before are found again
+    assert run().computed == 0
+    # the detection pipeline's version enters detection keys only
+    assert runner.code_versions(PGD()) == runner.code_versions(PGD(), detection=True) == {}
+    monkeypatch.setattr(runner, "DETECTION_VERSION", "2")
+    assert runner.code_versions(PGD(), detection=True) == {"code": {"detection": "2"}}
+    assert runner.code_versions(PGD()) == {}
+
+
+def test_train_table_keys_are_train_config_fields(tmp_path):
+    from dataclasses import fields
+
+    from qrobust.experiment.config import train_keys
+    from qrobust.train import TrainConfig
+
+    assert set(train_keys()) == {f.name for f in fields(TrainConfig)}
+    doc = _doc(train={"lr_schedule": "cosine", "adv_weight": 1.0, "epochs": 1})
+    want = {"lr_schedule": "cosine", "adv_weight": 1.0, "epochs": 1}
+    assert parse_config(doc, source="q.toml").train == want
+    for bad, message in (({"lr_schedule": "step"}, "train.lr_schedule: lr schedule must be one of"),
+                         ({"adv_weight": 0}, "train.adv_weight: adversarial loss weight"),
+                         ({"lr": 0}, "train.lr: must be positive")):
+        with pytest.raises(QrobustError, match=message):
+            parse_config(_doc(train=bad), source="q.toml")
+
+
 def _cli(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "qrobust.cli.run", *args],

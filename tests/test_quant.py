@@ -167,10 +167,20 @@ def test_dorefa_weight_gradient_hand_computed():
 
 
 def test_seed_a_gradient_hand_computed():
-    # clip(round(2x)/2, -1, 1): STE through the rounding, clip gradient on the rounded value.
+    # clip(round(2x)/2, -1, 1): rounded values -1.5 (outside), -0.5, 1, 1, 2 (outside): TF's clip passes
+    # the gradient on [-1, 1] only. The seed's Round override clips the gradient of round(2x) -- g / 2 --
+    # to [-1, 1]; times 2 back: the gradient reaching x is clip(g, -2, 2).
     x = torch.tensor([-1.5, -0.3, 0.9, 1.2, 2.0])
-    assert _grad(SeedAQuantizer(2), x).tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]
+    g = torch.tensor([5.0, -3.0, 0.5, 2.5, 1.0])
     assert SeedAQuantizer(2)(x).tolist() == [-1.0, -0.5, 1.0, 1.0, 1.0]
+    assert _grad(SeedAQuantizer(2), x, g).tolist() == [0.0, -2.0, 0.5, 2.0, 0.0]
+    assert _grad(SeedAQuantizer(2, "identity"), x, g).tolist() == [0.0, -3.0, 0.5, 2.5, 0.0]
+    # 4 bits: scale 8, so only |g| > 8 is clipped
+    x4 = torch.tensor([0.1, -0.2, 0.3, 1.1])
+    g4 = torch.tensor([20.0, -9.0, 7.5, 3.0])
+    assert _grad(SeedAQuantizer(4), x4, g4).tolist() == [8.0, -8.0, 7.5, 0.0]
+    with pytest.raises(QrobustError, match="STE"):
+        SeedAQuantizer(2, "hardtanh")
 
 
 def test_sign_hardtanh_gradient():
@@ -205,9 +215,13 @@ def _ref_act(x, k):
     return round_ste(_clip_tf(x, 0.0, 1.0) * n) / n
 
 
-def _ref_seed_a(x, k):
+def _ref_seed_a(x, k, clip_grad=True):
+    """The seed's TF graph: clip_by_value(round(x * s) / s, -1, 1) with Round's gradient clipped."""
     s = float(2 ** (k - 1))
-    return _clip_tf(round_ste(x * s) / s, -1.0, 1.0)
+    t = x * s
+    if clip_grad and t.requires_grad:
+        t.register_hook(lambda g: g.clamp(-1.0, 1.0))  # gradient_override_map({"Round": "QuantizeGrad"})
+    return _clip_tf(round_ste(t) / s, -1.0, 1.0)
 
 
 @pytest.mark.parametrize("k", [1, 2, 4, 7])
@@ -229,11 +243,13 @@ def test_fused_quantizers_bit_identical_to_reference(k):
         assert torch.equal(a, b) and torch.equal(x1.grad, x2.grad)
         assert torch.equal(quantize_unit(x.clamp(0, 1), k), _ref_act(x, k))
         x = torch.cat([x.flatten(), torch.tensor([0.0, 1.0, -1.0, 1.25, 0.75])]) * 1.3
-        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-        a, b = SeedAQuantizer(k)(x1), _ref_seed_a(x2, k)
-        a.sum().backward()
-        b.sum().backward()
-        assert torch.equal(a, b) and torch.equal(x1.grad, x2.grad)
+        up = torch.randn(x.shape, generator=gen) * 2 ** k  # large enough for the gradient clip to act
+        for ste in ("clip", "identity"):
+            x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+            a, b = SeedAQuantizer(k, ste)(x1), _ref_seed_a(x2, k, ste == "clip")
+            (a * up).sum().backward()
+            (b * up).sum().backward()
+            assert torch.equal(a, b) and torch.equal(x1.grad, x2.grad)
 
 
 # ---------------------------------------------------------------- stochastic binary weights
@@ -277,6 +293,16 @@ def test_stochastic_binary_gradient_is_expectation_gradient():
     g = torch.tensor([2.0, 2.0, -1.0, 3.0, 5.0])
     # d/dw (2 * hard_sigmoid(w) - 1) = 1 on [-1, 1], 0 outside
     assert _grad(StochasticBinaryWeight(), w, g).tolist() == [0.0, 2.0, -1.0, 3.0, 0.0]
+
+
+def test_stochastic_binary_without_gradient_is_seed_a():
+    # seed A samples with a comparison of uniforms against hard_sigmoid(w): no gradient reaches w.
+    conv = QuantConv2d(2, 3, 3, bias=False, weight_quant=StochasticBinaryWeight("none"))
+    x = torch.rand(2, 2, 5, 5, requires_grad=True)
+    conv(x).sum().backward()
+    assert conv.weight.grad is None and x.grad is not None and x.grad.abs().sum() > 0
+    with pytest.raises(QrobustError, match="gradient"):
+        StochasticBinaryWeight("clip")
 
 
 def test_scaled_relu():

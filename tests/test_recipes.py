@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 from qrobust import recipes
 from qrobust.checkpoint import CONFIG, load_checkpoint
@@ -13,14 +14,18 @@ def _tiny(**train):
                           {"epochs": 1, "batch_size": 64, "max_train": 64, **train})
 
 
-def test_recipe_trains_once_then_reuses(tmp_path, monkeypatch, capsys):
+def test_recipe_trains_once_then_reuses(tmp_path, monkeypatch, caplog):
     monkeypatch.setitem(recipes.RECIPES, "tiny", _tiny())
+    caplog.set_level(logging.INFO, logger="qrobust")
     out = recipes.ensure_trained("tiny", zoo_dir=tmp_path)
-    assert f"training recipe tiny into {out}" in capsys.readouterr().err  # says where it trains
+    assert f"training recipe tiny into {out}" in caplog.text  # says where it trains (a log, not a print)
+    assert "tiny epoch 1:" in caplog.text  # one line per epoch
+    caplog.clear()
     stamp = (out / "model.safetensors").stat().st_mtime_ns
     assert recipes.ensure_trained("tiny", zoo_dir=tmp_path) == out
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp  # not retrained
-    assert "training recipe" not in capsys.readouterr().err
+    assert "training recipe" not in caplog.text
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # train state cleaned up
     model, cfg = load_checkpoint(out)
     assert cfg["recipe"] == "tiny" and cfg["train"]["max_train"] == 64
 

@@ -3,7 +3,8 @@
 The JSON records how to rebuild the model (registry name and options), the SHA-256 of the
 weights, and what produced them. A checkpoint directory is written to a temporary sibling and
 renamed into place, so a crash never leaves half a checkpoint, and an existing one is only
-replaced when the caller asks for it.
+replaced when the caller asks for it. :func:`train_to_checkpoint` is the one way to train a model
+into a checkpoint (CLI, recipes, experiments): train resumably, save atomically, drop the train state.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -25,6 +28,11 @@ from torch import nn
 import qrobust
 from qrobust.errors import QrobustError
 from qrobust.models import create_model
+from qrobust.utils import show_progress
+
+if TYPE_CHECKING:
+    from qrobust.data import Dataset, Split
+    from qrobust.train import Adversary, EpochRecord, TrainConfig, TrainResult
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -163,3 +171,70 @@ def load_checkpoint(directory: str | os.PathLike, device: torch.device | str = "
     model.load_state_dict(tensors)
     model.to(device).eval()
     return model, config
+
+
+def check_model_data(model: nn.Module, data: Dataset) -> None:
+    """Refuse a dataset whose image shape or label range does not fit the model, before any training."""
+    spec = getattr(model, "qrobust_config", None) or {}
+    name = spec.get("name", type(model).__name__)
+    shape = tuple(spec.get("input_shape", data.image_shape))
+    if tuple(data.image_shape) != shape:
+        raise QrobustError(f"dataset {data.name} has images of shape {data.image_shape} but {name} "
+                           f"expects {shape}; pick a matching model (--model) or dataset (--data)")
+    for split in (data.train, data.test):
+        if len(split) == 0:
+            raise QrobustError(f"{split.name} holds no images; use a dataset with training and test images")
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        classes = model(data.test.head(1).tensors()[0]).shape[1]
+    model.train(was_training)
+    for split in (data.train, data.test):
+        if split.num_classes > classes:
+            raise QrobustError(f"{split.name} has labels up to {split.num_classes - 1} but {name} "
+                               f"predicts {classes} classes (0-{classes - 1}); use a dataset with at most "
+                               f"{classes} classes")
+
+
+def train_state_dir(directory: str | os.PathLike) -> Path:
+    """Where an unfinished training of ``directory`` keeps its per-epoch state (a hidden sibling)."""
+    directory = Path(directory)
+    return directory.parent / f".{directory.name}.train-state"
+
+
+def train_to_checkpoint(
+    directory: str | os.PathLike,
+    model: nn.Module,
+    data: Dataset,
+    config: TrainConfig,
+    *,
+    test: Split | None = None,
+    info: dict[str, Any] | None = None,
+    device: torch.device | str = "cpu",
+    adversary: Adversary | None = None,
+    progress: bool = False,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
+    overwrite: bool = False,
+) -> TrainResult:
+    """Train ``model`` on ``data.train`` and save it as checkpoint ``directory``.
+
+    Interrupted? Call again with the same arguments: training resumes from the last finished epoch
+    (state in :func:`train_state_dir`, removed once the checkpoint is written). ``test`` (default
+    ``data.test``) gives the per-epoch test accuracy. ``info`` goes into ``config.json``; its
+    ``train`` entry, if any, replaces the recorded training settings.
+    """
+    from qrobust.train import train
+
+    directory = Path(directory)
+    if directory.exists() and not overwrite:  # before hours of training, not after
+        raise QrobustError(f"checkpoint {directory} already exists; pass --force (overwrite=True) to replace "
+                           "it")
+    check_model_data(model, data)
+    test = data.test if test is None else test
+    state = train_state_dir(directory)
+    result = train(model, data.train, test, config, device=device, adversary=adversary, state_dir=state,
+                   progress=show_progress(progress), on_epoch=on_epoch)
+    record = {"train": asdict(config), **(info or {}), **result.as_dict(), "test_samples": len(test)}
+    save_checkpoint(directory, model, record, overwrite=overwrite)
+    shutil.rmtree(state, ignore_errors=True)
+    return result

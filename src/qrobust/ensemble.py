@@ -17,7 +17,9 @@ members among the tied classes, and then by the lowest class index. With three m
 EMPIR's rule (majority of two, else the full-precision member).
 
 Attacks: :meth:`Ensemble.attack_target` returns the module an attack should differentiate and the loss to
-use, for two threat models (see ``docs/ensembles.md``):
+use, for the threat models of :data:`THREAT_MODELS` (see ``docs/ensembles.md``); :func:`ensemble_attack`
+wraps an attack so that it differentiates that target and is scored on the ensemble
+(:class:`~qrobust.attacks.OnView`):
 
 * ``legacy`` - what EMPIR's TensorFlow code really differentiated: FGSM, PGD and JSMA see the mean softmax
   of the members agreeing with the vote *on the current input* (recomputed at every forward, as the TF
@@ -25,7 +27,8 @@ use, for two threat models (see ``docs/ensembles.md``):
   full-precision member (a layer-name collision in EMPIR's model dict); labels are the ensemble's own vote
   on the clean input.
 * ``adaptive`` - the whole ensemble: cross-entropy on the mean softmax of all members (or on the mean
-  logits), the CW margin for CW-L2, straight-through gradients through every quantizer.
+  logits), the CW margin for CW-L2, straight-through gradients through every quantizer;
+* ``adaptive_logits`` - ``adaptive`` on the mean of the members' logits.
 """
 
 from __future__ import annotations
@@ -44,22 +47,39 @@ from torch import Tensor, nn
 from qrobust.errors import QrobustError
 
 RULES = ("vote", "mean_softmax", "mean_logits")
-MODES = ("legacy", "adaptive")
+# THE ensemble threat models (what an attack differentiates), used by the config, the runner and the CLI.
+THREAT_MODELS = ("legacy", "adaptive", "adaptive_logits")
 COMBINES = ("mean_softmax", "mean_logits")
-ATTACK_NAMES = ("fgsm", "bim", "pgd", "cw", "jsma")
-_ATTACK_ALIASES = {"fgsm": "fgsm", "fgm": "fgsm", "bim": "bim", "basiciter": "bim", "pgd": "pgd",
-                   "madryetal": "pgd", "cw": "cw", "cwl2": "cw", "cw_l2": "cw", "carliniwagnerl2": "cw",
-                   "jsma": "jsma", "saliencymapmethod": "jsma"}
+ATTACK_NAMES = ("fgsm", "bim", "pgd", "cw", "jsma")  # the attacks EMPIR ran; each has a legacy target
 FULL_PRECISION = 32
 
 
 def normalize_attack_name(name: str) -> str:
-    """Map ``FGSM``, ``CWL2``, ``MadryEtAl``... to one of :data:`ATTACK_NAMES`."""
-    key = str(name).lower().replace("-", "").replace(" ", "")
-    if key not in _ATTACK_ALIASES:
+    """Map ``FGSM``, ``CWL2``, ``MadryEtAl``... (the registry's aliases) to one of :data:`ATTACK_NAMES`."""
+    from qrobust.attacks.registry import canonical_name
+
+    try:
+        key = canonical_name(name)
+    except QrobustError:
+        key = None
+    if key not in ATTACK_NAMES:
         raise QrobustError(f"unknown attack {name!r} for an ensemble target; "
                            f"use one of {', '.join(ATTACK_NAMES)}")
-    return _ATTACK_ALIASES[key]
+    return key
+
+
+def threat_model(mode: str, combine: str | None = None) -> tuple[str, str]:
+    """``(legacy|adaptive, combine)`` of threat model ``mode`` (adaptive_logits: adaptive, mean logits)."""
+    if mode not in THREAT_MODELS:
+        raise QrobustError(f"unknown ensemble attack mode {mode!r}; use {', '.join(THREAT_MODELS)} "
+                           "(legacy = EMPIR's code)")
+    implied = "mean_logits" if mode == "adaptive_logits" else None
+    if combine is not None and combine not in COMBINES:
+        raise QrobustError(f"unknown combine {combine!r} for adaptive attacks; use {' or '.join(COMBINES)}")
+    if implied and combine not in (None, implied):
+        raise QrobustError(f"threat model {mode} combines {implied}; drop combine={combine!r} or use "
+                           "adaptive")
+    return ("legacy" if mode == "legacy" else "adaptive"), (implied or combine or "mean_softmax")
 
 
 def member_bits(model: nn.Module) -> int:
@@ -251,11 +271,13 @@ class Ensemble(nn.Module):
 
     # ---- attacks ----
 
-    def attack_target(self, mode: str, attack: str, *, combine: str = "mean_softmax") -> AttackTarget:
-        """The module an attack should differentiate for threat model ``mode`` and attack ``attack``.
+    def attack_target(self, mode: str, attack: str, *, combine: str | None = None) -> AttackTarget:
+        """The module an attack should differentiate for threat model ``mode`` (:data:`THREAT_MODELS`) and
+        attack ``attack``.
 
         Use it as ``atk = PGD(..., loss=target.loss); x_adv = atk(target, x, target.labels(x))`` and score
-        ``x_adv`` on the ensemble itself. ``combine`` (adaptive only) picks mean softmax or mean logits.
+        ``x_adv`` on the ensemble itself (:func:`on_target` does this). ``combine`` (adaptive only) picks
+        mean softmax (default) or mean logits.
         """
         return AttackTarget(self, mode, attack, combine=combine)
 
@@ -267,20 +289,15 @@ class AttackTarget(nn.Module):
     ``labels(x)`` gives the labels EMPIR used (the ensemble's own prediction on the clean input).
     """
 
-    def __init__(self, ensemble: Ensemble, mode: str, attack: str, *, combine: str = "mean_softmax") -> None:
+    def __init__(self, ensemble: Ensemble, mode: str, attack: str, *, combine: str | None = None) -> None:
         super().__init__()
-        if mode not in MODES:
-            raise QrobustError(f"unknown ensemble attack mode {mode!r}; "
-                               "use legacy (EMPIR's code) or adaptive")
-        if combine not in COMBINES:
-            raise QrobustError(f"unknown combine {combine!r} for adaptive attacks; "
-                               f"use {' or '.join(COMBINES)}")
+        kind, combine = threat_model(mode, combine)
         self.ensemble = ensemble
         self.mode = mode
         self.attack = normalize_attack_name(attack)
         self.combine = combine
         self._frozen_mask: Tensor | None = None
-        if mode == "legacy":
+        if kind == "legacy":
             if self.attack in ("bim", "cw"):
                 self.output = "designated_logits"
                 self.loss = "cw" if self.attack == "cw" else "ce"
@@ -356,51 +373,40 @@ class AttackTarget(nn.Module):
         return logits.mean(0)
 
 
-class EnsembleAttack:
-    """An attack bound to an ensemble target: differentiates ``target``, whatever model it is handed.
+def on_target(attack: Any, target: AttackTarget) -> Any:
+    """``attack`` differentiating ``target`` and scored on the ensemble (labels: its own prediction, as in
+    EMPIR); the threat model and the target are recorded in the attack's config.
 
-    Lets ``qrobust.evaluate.evaluate_attack(ensemble, EnsembleAttack(attack, target), x, y)`` score the
-    adversarial examples on the ensemble (its vote) while the gradients come from ``target``; with
-    ``labels="pred"`` the labels are the ensemble's own predictions, as in EMPIR.
+    In the legacy threat model the loss is part of what EMPIR computed, so FGSM/BIM/PGD must use
+    ``target.loss``; adaptive attacks may choose their loss.
     """
+    from qrobust.attacks import OnView
 
-    def __init__(self, attack: Any, target: AttackTarget) -> None:
-        loss = getattr(attack, "loss", None)
-        name = getattr(attack, "name", "")
-        if name in ("fgsm", "bim", "pgd") and isinstance(loss, str) and loss != target.loss:
-            raise QrobustError(f"{target.mode} {name} on an ensemble needs loss={target.loss!r}, the attack "
-                               f"was built with loss={loss!r}; build it with loss=target.loss")
-        self.attack = attack
-        self.target = target
-        self.name = name or type(attack).__name__
-        self.seed = getattr(attack, "seed", 0)
-        self.targeted = bool(getattr(attack, "targeted", False))
-
-    def config(self) -> dict[str, Any]:
-        cfg = dict(self.attack.config()) if hasattr(self.attack, "config") else {}
-        cfg.update({"ensemble_mode": self.target.mode, "target_output": self.target.output})
-        return cfg
-
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor | None = None, **kw: Any) -> Tensor:
-        if y is None:
-            y = self.target.labels(x)
-        return self.attack(self.target, x, y, **kw)
+    loss = getattr(attack, "loss", None)
+    if (target.mode == "legacy" and attack.name in ("fgsm", "bim", "pgd") and isinstance(loss, str)
+            and loss != target.loss):
+        raise QrobustError(f"{target.mode} {attack.name} on an ensemble needs loss={target.loss!r}, the "
+                           f"attack was built with loss={loss!r}; build it with loss=target.loss")
+    return OnView(attack, target, info={"ensemble_mode": target.mode, "target_output": target.output,
+                                        "target": target.description})
 
 
-def ensemble_attack(ensemble: Ensemble, attack: str, mode: str, *, combine: str = "mean_softmax",
-                    **params: Any) -> EnsembleAttack:
-    """Build ``attack`` (a :func:`qrobust.attacks.create_attack` name) against ``ensemble`` in ``mode``.
+def ensemble_attack(ensemble: Ensemble, attack: str, mode: str, *, combine: str | None = None,
+                    **params: Any) -> Any:
+    """Build ``attack`` (a :func:`qrobust.attacks.create_attack` name) against ``ensemble`` in threat model
+    ``mode``: an :class:`~qrobust.attacks.OnView` of the ensemble's attack target.
 
-    The loss of FGSM/BIM/PGD is set from the target (``ce_prob`` for legacy FGSM/PGD, ``ce`` otherwise);
-    other ``params`` go to the attack.
+    The loss of FGSM/BIM/PGD is set from the target (``ce_prob`` for legacy FGSM/PGD, ``ce`` otherwise)
+    unless an adaptive attack names its own; other ``params`` go to the attack.
     """
     from qrobust.attacks import create_attack
 
     target = ensemble.attack_target(mode, attack, combine=combine)
-    if target.attack in ("fgsm", "bim", "pgd"):
+    if target.attack in ("fgsm", "bim", "pgd") and (mode == "legacy" or "loss" not in params):
         params = {**params, "loss": target.loss}
-    return EnsembleAttack(create_attack(target.attack, **params), target)
+    return on_target(create_attack(target.attack, **params), target)
 
 
-__all__ = ["ATTACK_NAMES", "COMBINES", "MODES", "RULES", "AttackTarget", "Ensemble", "EnsembleAttack",
-           "agreeing", "describe_member", "ensemble_attack", "member_bits", "normalize_attack_name", "vote"]
+__all__ = ["ATTACK_NAMES", "COMBINES", "RULES", "THREAT_MODELS", "AttackTarget", "Ensemble", "agreeing",
+           "describe_member", "ensemble_attack", "member_bits", "normalize_attack_name", "on_target",
+           "threat_model", "vote"]

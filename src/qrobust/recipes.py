@@ -1,8 +1,9 @@
 """Named training recipes: the models the seeds' tables were made with, trained here on demand.
 
 The seeds shipped pretrained checkpoints on a file host; qrobust cannot download them, so a recipe
-records exactly how to train an equivalent model, and :func:`ensure_trained` trains it once into
-a cache folder (skipping work already done, resuming an interrupted run).
+records exactly how to train an equivalent model, and :func:`ensure_trained` returns the pretrained
+checkpoint from the repository's zoo (:mod:`qrobust.zoo`) or trains it once into a cache folder
+(skipping work already done, resuming an interrupted run).
 
 Epoch counts are below the seeds' 15 where two CPU cores make that impractical; each recipe says so.
 """
@@ -10,8 +11,8 @@ Epoch counts are below the seeds' 15 where two CPU cores make that impractical; 
 from __future__ import annotations
 
 import json
+import logging
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,12 +21,15 @@ from typing import Any
 
 import torch
 
-from qrobust.checkpoint import CONFIG, save_checkpoint
+from qrobust import zoo
+from qrobust.checkpoint import CONFIG, load_checkpoint, train_to_checkpoint
 from qrobust.data import load_dataset
 from qrobust.errors import QrobustError
 from qrobust.models import create_model
 from qrobust.models.registry import get_entry
-from qrobust.train import EpochRecord, TrainConfig, train
+from qrobust.train import EpochRecord, TrainConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -36,13 +40,15 @@ class Recipe:
     dataset: str
     train: dict[str, Any] = field(default_factory=dict)
     note: str = ""
+    init_from: str = ""  # start from this recipe's trained weights (quantization-aware fine-tuning)
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(**self.train)
 
 
-def _r(name: str, model: str, dataset: str, note: str = "", train: dict | None = None, **kw: Any) -> Recipe:
-    return Recipe(name, model, kw, dataset, train or {}, note)
+def _r(name: str, model: str, dataset: str, note: str = "", train: dict | None = None, *, init_from: str = "",
+       **kw: Any) -> Recipe:
+    return Recipe(name, model, kw, dataset, train or {}, note, init_from)
 
 
 _MNIST = {"epochs": 6, "batch_size": 128, "lr": 1e-3}
@@ -119,11 +125,13 @@ def get_recipe(name: str) -> Recipe:
 
 
 def default_zoo_dir() -> Path:
-    return Path(os.environ.get("QROBUST_ZOO", Path.cwd() / "artifacts" / "zoo"))
+    """Where :func:`ensure_trained` trains recipes by default (see :func:`qrobust.zoo.cache_dir`)."""
+    return zoo.cache_dir()
 
 
-def _matches(ckpt: Path, recipe: Recipe, cfg: dict[str, Any]) -> bool:
-    """Was the checkpoint in ``ckpt`` trained by this recipe's current model and training settings?"""
+def matches(ckpt: Path, recipe: Recipe, cfg: dict[str, Any] | None = None) -> bool:
+    """Was the checkpoint in ``ckpt`` trained by this recipe's current model and training settings
+    (``cfg``: the recipe's training settings with any overrides)?"""
     try:
         info = json.loads((ckpt / CONFIG).read_text())
         trained = vars(TrainConfig(**info["train"]))
@@ -131,7 +139,7 @@ def _matches(ckpt: Path, recipe: Recipe, cfg: dict[str, Any]) -> bool:
     except (OSError, ValueError, KeyError, TypeError):
         return True  # not a recipe checkpoint we can judge; loading it will report what is wrong
     wanted = {**get_entry(recipe.model).params(), **recipe.model_kwargs}  # as create_model records them
-    return trained == vars(TrainConfig(**cfg)) and kwargs == wanted
+    return trained == vars(TrainConfig(**(recipe.train if cfg is None else cfg))) and kwargs == wanted
 
 
 def ensure_trained(
@@ -152,10 +160,14 @@ def ensure_trained(
     recipe = get_recipe(name)
     cfg = {**recipe.train, **(overrides or {})}
     suffix = "" if not overrides else "-" + "-".join(f"{k}{v}" for k, v in sorted(overrides.items()))
-    zoo = Path(zoo_dir) if zoo_dir is not None else default_zoo_dir()
-    out = zoo / f"{name}{suffix}"
+    cache = Path(zoo_dir) if zoo_dir is not None else default_zoo_dir()
+    out = cache / f"{name}{suffix}"
+    if not overrides:  # the pretrained zoo first; it only holds full recipes
+        found = zoo.find_recipe(name, [d for d in zoo.search_dirs(cache) if d.resolve() != cache.resolve()])
+        if found is not None:
+            return found
     if (out / CONFIG).is_file():
-        if _matches(out, recipe, cfg):
+        if matches(out, recipe, cfg):
             return out
         # The recipe changed since this checkpoint was trained: keep the old one beside, train anew.
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -166,32 +178,22 @@ def ensure_trained(
             old = out.with_name(f"{out.name}.superseded-{stamp}-{n}")
         out.rename(old)
     # Say where: a caller in another directory would otherwise retrain silently (set QROBUST_ZOO to reuse).
-    print(f"qrobust: training recipe {name} into {out} (no matching checkpoint there; QROBUST_ZOO or "
-          f"zoo_dir point at another zoo)", file=sys.stderr, flush=True)
+    log.info("qrobust: training recipe %s into %s (no matching checkpoint there; QROBUST_ZOO or zoo_dir "
+             "point at another zoo)", name, out)
     data = load_dataset(recipe.dataset, root=data_root)
     torch.manual_seed(cfg.get("seed", 0))
     model = create_model(recipe.model, **recipe.model_kwargs)
-    tc = TrainConfig(**cfg)
-    result = train(
-        model,
-        data.train,
-        data.test,
-        tc,
-        device=device,
-        progress=progress,
-        on_epoch=on_epoch,
-        state_dir=zoo / f".{out.name}.train-state",
-    )
-    info = {
-        "dataset": recipe.dataset,
-        "recipe": name,
-        "note": recipe.note,
-        "train": vars(tc),
-        **result.as_dict(),
-        "test_samples": len(data.test),
-    }
-    save_checkpoint(out, model, info, overwrite=True)
-    import shutil
-
-    shutil.rmtree(zoo / f".{out.name}.train-state", ignore_errors=True)
+    info = {"dataset": recipe.dataset, "recipe": name, "note": recipe.note}
+    if recipe.init_from:  # that recipe is trained first if it is missing
+        start = ensure_trained(recipe.init_from, zoo_dir=zoo_dir, data_root=data_root, device=device)
+        model.load_state_dict(load_checkpoint(start)[0].state_dict())
+        info["init_from"] = recipe.init_from
+    if on_epoch is None:
+        def on_epoch(r: EpochRecord) -> None:
+            log.info("  %s epoch %d: loss %.4f  test acc %.4f  (%.1fs)", name, r.epoch, r.loss,
+                     r.test_accuracy, r.seconds)
+    train_to_checkpoint(out, model, data, TrainConfig(**cfg), info=info, device=device, progress=progress,
+                        on_epoch=on_epoch, overwrite=True)
+    if (cache / zoo.SUMS).is_file():  # a zoo with a hash list keeps it current
+        zoo.record_sums(cache, out.name)
     return out

@@ -44,6 +44,7 @@ class TrainConfig:
     max_train: int | None = None  # use only the first N training images (quick runs)
     lr_schedule: str = "constant"  # or "cosine": per-step cosine decay from lr to 0 over all epochs
     adv_weight: float = 0.5  # weight of CE(x_adv): seed A 0.5 = (CE_clean + CE_adv) / 2; Madry 1.0
+    channels_last: bool = False  # NHWC layout while training on CPU: faster, equal up to float rounding
 
     def validate(self) -> None:
         if self.epochs < 0:
@@ -167,10 +168,55 @@ def _load_state(state_dir: Path, model: nn.Module, opt: torch.optim.Optimizer, g
             state.setdefault(int(i), {})[name] = v
     opt_sd["state"] = state
     opt.load_state_dict(opt_sd)
+    for group in opt.param_groups:  # moments in the parameters' memory layout (channels-last on CPU):
+        for p in group["params"]:  # the fused Adam kernel walks them in memory order
+            for name, v in opt.state.get(p, {}).items():
+                if isinstance(v, Tensor) and v.shape == p.shape:
+                    opt.state[p][name] = torch.empty_like(p).copy_(v)
     gen.set_state(tensors["rng.generator"])
     torch.set_rng_state(tensors["rng.torch"])
     result = TrainResult([EpochRecord(**r) for r in meta["history"]])
     return int(meta["epoch"]), result
+
+
+def to_training_layout(model: nn.Module, device: torch.device, channels_last: bool = True) -> nn.Module:
+    """Move ``model`` to ``device``; on CPU optionally to channels-last memory (``train`` restores it).
+
+    NHWC convolutions and pooling run faster on CPU (oneDNN): 1.5x for CIFARconv, whose NCHW 3x3/2 max
+    pooling alone took a quarter of the step, 5-15% for the MNIST nets. Same values up to float rounding.
+    """
+    model.to(device)
+    if channels_last and device.type == "cpu":
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, config: TrainConfig,
+               adversary: Adversary | None = None) -> tuple[float, Tensor]:
+    """One optimizer step on one batch; returns (loss, clean logits). The unit the speed benchmark times.
+
+    With ``adversary`` the loss mixes in CE(x_adv) with weight ``config.adv_weight``.
+    """
+    if adversary is not None and config.adv_weight == 1.0:  # Madry: the clean pass only feeds the metrics
+        with torch.no_grad():
+            logits = model(x)
+        loss = None
+    else:
+        logits = model(x)
+        loss = _loss(logits, y, config.label_smoothing)
+    if adversary is not None:
+        model.eval()
+        x_adv = adversary(model, x, y).detach()
+        model.train()
+        adv_loss = _loss(model(x_adv), y, config.label_smoothing)
+        w = config.adv_weight
+        loss = adv_loss if loss is None else (1 - w) * loss + w * adv_loss
+    value = loss.item()
+    if math.isfinite(value):  # a diverged step is reported by the caller, not applied
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return value, logits.detach()
 
 
 def train(
@@ -192,7 +238,7 @@ def train(
     """
     config.validate()
     device = torch.device(device)
-    model.to(device)
+    to_training_layout(model, device, config.channels_last)
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     opt = make_optimizer(model, config)
@@ -223,28 +269,12 @@ def train(
         for i, (x, y) in enumerate(batches):
             for group in opt.param_groups:
                 group["lr"] = config.lr_at(epoch * steps_per_epoch + i, config.epochs * steps_per_epoch)
-            adv_phase = adversary is not None and epoch >= config.adv_start_epoch
-            if adv_phase and config.adv_weight == 1.0:  # Madry: the clean pass only feeds the metrics
-                with torch.no_grad():
-                    logits = model(x)
-                loss = None
-            else:
-                logits = model(x)
-                loss = _loss(logits, y, config.label_smoothing)
-            if adv_phase:
-                model.eval()
-                x_adv = adversary(model, x, y).detach()
-                model.train()
-                adv_loss = _loss(model(x_adv), y, config.label_smoothing)
-                w = config.adv_weight
-                loss = adv_loss if loss is None else (1 - w) * loss + w * adv_loss
-            if not torch.isfinite(loss):
-                raise QrobustError(f"training diverged: loss is {loss.item()} in epoch {epoch + 1}; lower "
+            adv = adversary if adversary is not None and epoch >= config.adv_start_epoch else None
+            loss, logits = train_step(model, opt, x, y, config, adv)
+            if not math.isfinite(loss):
+                raise QrobustError(f"training diverged: loss is {loss} in epoch {epoch + 1}; lower "
                                    f"--lr (now {config.lr}) or check the data")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total_loss += loss.item() * len(y)
+            total_loss += loss * len(y)
             correct += (logits.argmax(1) == y).sum().item()
             seen += len(y)
         seconds = time.perf_counter() - t0
@@ -257,5 +287,6 @@ def train(
             _save_state(sdir, model, opt, gen, result, epoch + 1, fingerprint)
         if on_epoch is not None:
             on_epoch(record)
+    model.to(memory_format=torch.contiguous_format)
     model.eval()
     return result

@@ -1,10 +1,12 @@
-"""Small shared helpers: devices, seeding, atomic file writes."""
+"""Small shared helpers: devices, seeding, atomic file writes, logging and progress output."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -100,3 +102,35 @@ def update_marked_section(path: str | os.PathLike, section: str, body: str, titl
     else:
         text = text.rstrip() + ("\n\n" if text.strip() else "") + block + "\n"
     atomic_write_text(path, text)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at emit time (pytest and callers may swap it)."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # noqa: ANN001
+        pass
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Send the library's log records (``qrobust.*`` loggers) to stderr, one plain line each.
+
+    The library only logs; the CLI and scripts call this so a user sees what is being trained where.
+    Idempotent: calling it twice does not duplicate lines.
+    """
+    logger = logging.getLogger("qrobust")
+    logger.setLevel(level)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+
+
+def show_progress(requested: bool = True) -> bool:
+    """Progress bars only on a terminal: a log file or CI would record every redraw, so there callers
+    print one line per epoch or unit instead."""
+    return bool(requested) and sys.stderr.isatty()

@@ -5,27 +5,39 @@ Every attack is built with its settings and called on any ``nn.Module`` returnin
 See ``docs/dev/attacks_api.md``.
 """
 
+from qrobust.attacks.apgd import APGD, APGDT
 from qrobust.attacks.base import Attack, is_success, random_targets
+from qrobust.attacks.compose import OnView
 from qrobust.attacks.cw import CWL2
+from qrobust.attacks.detector_aware import EOTPGD, DetectorAwarePGD, on_mc_mean
 from qrobust.attacks.eot import EOT, input_gradient, mean_output
 from qrobust.attacks.fgsm import FGSM, RandomEpsFGSM
 from qrobust.attacks.jsma import JSMA
 from qrobust.attacks.losses import LOSSES, ce_loss, ce_prob_loss, cw_loss, resolve_loss
 from qrobust.attacks.pgd import BIM, PGD
-from qrobust.attacks.registry import ATTACKS, attack_params, create_attack
+from qrobust.attacks.registry import ATTACKS, attack_params, canonical_name, create_attack, seed_attack_name
+from qrobust.attacks.square import Scored, Square
 
 __all__ = [
+    "APGD",
+    "APGDT",
     "ATTACKS",
     "BIM",
     "CWL2",
     "EOT",
+    "EOTPGD",
     "FGSM",
     "JSMA",
     "LOSSES",
     "PGD",
     "Attack",
+    "DetectorAwarePGD",
+    "OnView",
     "RandomEpsFGSM",
+    "Scored",
+    "Square",
     "attack_params",
+    "canonical_name",
     "ce_loss",
     "ce_prob_loss",
     "create_attack",
@@ -33,6 +45,8 @@ __all__ = [
     "input_gradient",
     "is_success",
     "mean_output",
+    "on_mc_mean",
     "random_targets",
     "resolve_loss",
+    "seed_attack_name",
 ]

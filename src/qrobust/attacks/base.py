@@ -79,6 +79,9 @@ class Attack:
     """Base class: subclasses set ``name`` and implement ``_run(model, x, y, generator)``."""
 
     name: ClassVar[str] = "attack"
+    # Bump (by hand) when a change alters this attack's results: experiment caches key on it, so its
+    # stored cells are recomputed and nothing else.
+    version: ClassVar[str] = "1"
     uses_loss: ClassVar[bool] = True  # False: fixed objective (CW, JSMA), ``loss`` is not recorded
 
     def __init__(self, *, loss: str | LossFn = "ce", targeted: bool = False, eot_samples: int = 1,

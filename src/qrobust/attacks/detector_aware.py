@@ -1,49 +1,41 @@
-"""Attacks on randomized models that see K Monte-Carlo copies at once: batched EOT and a detector-aware PGD.
+"""Attacks on randomized models that see Monte-Carlo copies: batched EOT-PGD, detector-aware PGD, and any
+attack on the Monte-Carlo mean.
 
-Both are built on the public attack API (:class:`~qrobust.attacks.PGD` with a loss callable): the model
-is wrapped in :class:`MCView`, whose forward returns the logits of K stochastic copies as (B, K, C),
-computed batched by :func:`qrobust.detect.mc_logits` (deterministic prefix once, stochastic suffix K
-times, per-copy weights for stochastic-weight layers). A loss callable then sees all K copies of each
-input:
+All are :class:`~qrobust.attacks.compose.OnView` compositions of public attacks with views of
+:mod:`qrobust.mc`, built from the attack's own settings (so ``create_attack("eot_pgd", ...)`` and TOML
+work). PGD runs on :class:`~qrobust.mc.MCView`, whose forward returns the logits of K stochastic copies
+as (B, K, C), computed batched (deterministic prefix once, stochastic suffix K times, per-copy weights
+for stochastic-weight layers). A loss callable then sees all K copies of each input:
 
 * :func:`eot_ce_loss` - mean over the copies of the cross-entropy: its gradient is the EOT gradient
   (the average of K per-pass gradients, Athalye et al. 2018), i.e. what ``eot_samples=K`` computes
   with K sequential passes, here in one batched pass;
 * :func:`detector_aware_loss` - adversarial margin of the Monte-Carlo mean prediction, capped at
-  ``kappa``, minus ``lam`` times seed A's uncertainty score (mean per-class variance of the softmax
-  across the copies). Once an input is misclassified with margin ``kappa`` only the variance term
-  is left, so the remaining steps drive the detector's score down while staying adversarial.
+  ``kappa``, minus ``lam`` times seed A's uncertainty score (:func:`~qrobust.mc.predictive_variance`
+  of the K copies). Once an input is misclassified with margin ``kappa`` only the variance term is
+  left, so the remaining steps drive the detector's score down while staying adversarial.
+
+``mc_samples`` is K (not ``samples``, which an experiment config uses for the number of images). Without
+labels these attacks move away from the group prediction of K copies (seed A's decision).
+:func:`on_mc_mean` instead runs any attack (CW-L2, JSMA, ...) on :class:`~qrobust.mc.MCAverage`, the log
+mean softmax of K copies.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qrobust.attacks.base import check_count, check_nonneg
+from qrobust.attacks.base import Attack, check_count, check_nonneg
+from qrobust.attacks.compose import OnView
 from qrobust.attacks.losses import margin
 from qrobust.attacks.pgd import PGD
 from qrobust.errors import QrobustError
-
-
-class MCView(nn.Module):
-    """``forward(x) -> (B, K, C)``: logits of ``samples`` Monte-Carlo copies of a randomized model."""
-
-    def __init__(self, model: nn.Module, samples: int, strategy: str = "auto") -> None:
-        super().__init__()
-        self.model = model
-        self.samples = check_count("samples", samples)
-        self.strategy = strategy
-
-    def forward(self, x: Tensor) -> Tensor:
-        from qrobust.detect import mc_logits
-
-        out = mc_logits(self.model, x, self.samples, strategy=self.strategy, batch_size=x.shape[0])
-        return out.transpose(0, 1)
+from qrobust.mc import MCAverage, MCView, group_prediction, log_mean_softmax, mc_probs, predictive_variance
 
 
 def _check_view(outputs: Tensor) -> Tensor:
@@ -60,22 +52,13 @@ def eot_ce_loss(outputs: Tensor, y: Tensor) -> Tensor:
     return ce.view(b, k).mean(1)
 
 
-def mc_mean_log_probs(outputs: Tensor) -> Tensor:
-    """log of the mean softmax over the copies (the Monte-Carlo / "group" prediction), (B, C)."""
-    return torch.log(torch.softmax(_check_view(outputs), -1).mean(1).clamp_min(1e-12))
-
-
-def seed_variance(outputs: Tensor) -> Tensor:
-    """Seed A's score per sample: mean over classes of the variance of the softmax across copies."""
-    return torch.softmax(_check_view(outputs), -1).var(1, unbiased=False).mean(-1)
-
-
 def detector_aware_loss(lam: float = 10.0, kappa: float = 1.0) -> Callable[[Tensor, Tensor], Tensor]:
-    """``min(margin(log mean softmax, y), kappa) - lam * seed_variance`` (ascended by PGD)."""
+    """``min(margin(log mean softmax, y), kappa) - lam * predictive_variance`` (ascended by PGD)."""
     lam, kappa = check_nonneg("lam", lam), check_nonneg("kappa", kappa)
 
     def loss(outputs: Tensor, y: Tensor) -> Tensor:
-        return margin(mc_mean_log_probs(outputs), y).clamp(max=kappa) - lam * seed_variance(outputs)
+        mean = log_mean_softmax(_check_view(outputs), 1)
+        return margin(mean, y).clamp(max=kappa) - lam * predictive_variance(torch.softmax(outputs, -1), 1)
 
     loss.__name__ = f"detector_aware(lam={lam:g},kappa={kappa:g})"
     return loss
@@ -83,34 +66,21 @@ def detector_aware_loss(lam: float = 10.0, kappa: float = 1.0) -> Callable[[Tens
 
 @torch.no_grad()
 def mc_predictions(model: nn.Module, x: Tensor, samples: int, batch_size: int = 100) -> Tensor:
-    """Argmax of the summed softmax over ``samples`` copies (seed A's group prediction)."""
-    from qrobust.detect import mc_probs
-
-    return mc_probs(model, x, samples, batch_size=batch_size).sum(0).argmax(-1)
+    """Seed A's group prediction of ``samples`` Monte-Carlo copies: the default labels of these attacks."""
+    return group_prediction(mc_probs(model, x, samples, batch_size=batch_size))
 
 
-class _MCPGD:
-    """PGD run on :class:`MCView` with a loss over the copies; labels default to the MC prediction."""
-
-    name = "mc_pgd"
+class _MCPGD(OnView):
+    """PGD with a loss over K copies, run on :class:`~qrobust.mc.MCView`; labels: the group prediction."""
 
     def __init__(self, loss: Callable[[Tensor, Tensor], Tensor], *, eps: float, alpha: float, steps: int,
-                 random_start: bool, samples: int, seed: int, strategy: str) -> None:
-        self.samples = check_count("samples", samples)
-        self.strategy = strategy
-        self.targeted = False
-        self.seed = seed
-        self.pgd = PGD(eps=eps, alpha=alpha, steps=steps, random_start=random_start, loss=loss, seed=seed)
-
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor | None = None, *,
-                 generator: torch.Generator | None = None) -> Tensor:
-        if y is None:
-            y = mc_predictions(model, x, self.samples)
-        return self.pgd(MCView(model, self.samples, self.strategy), x, y, generator=generator)
-
-    def config(self) -> dict[str, Any]:
-        cfg = self.pgd.config()
-        return {**cfg, "attack": self.name, "mc_samples": self.samples}
+                 random_start: bool, mc_samples: int, seed: int, strategy: str) -> None:
+        samples = check_count("mc_samples", mc_samples)
+        pgd = PGD(eps=eps, alpha=alpha, steps=steps, random_start=random_start, loss=loss, seed=seed)
+        super().__init__(pgd, partial(MCView, samples=samples, strategy=strategy),
+                         labels=partial(mc_predictions, samples=samples), name=self.name,
+                         info={"mc_samples": samples})
+        self.mc_samples, self.strategy = samples, strategy
 
 
 class EOTPGD(_MCPGD):
@@ -121,9 +91,9 @@ class EOTPGD(_MCPGD):
     name = "eot_pgd"
 
     def __init__(self, eps: float = 0.3, alpha: float = 0.01, steps: int = 40, random_start: bool = True, *,
-                 samples: int = 10, seed: int = 0, strategy: str = "auto") -> None:
+                 mc_samples: int = 10, seed: int = 0, strategy: str = "auto") -> None:
         super().__init__(eot_ce_loss, eps=eps, alpha=alpha, steps=steps, random_start=random_start,
-                         samples=samples, seed=seed, strategy=strategy)
+                         mc_samples=mc_samples, seed=seed, strategy=strategy)
 
 
 class DetectorAwarePGD(_MCPGD):
@@ -136,15 +106,21 @@ class DetectorAwarePGD(_MCPGD):
     name = "detector_aware_pgd"
 
     def __init__(self, eps: float = 0.3, alpha: float = 0.01, steps: int = 40, random_start: bool = True, *,
-                 samples: int = 10, lam: float = 10.0, kappa: float = 1.0, seed: int = 0,
+                 mc_samples: int = 10, lam: float = 10.0, kappa: float = 1.0, seed: int = 0,
                  strategy: str = "auto") -> None:
         super().__init__(detector_aware_loss(lam, kappa), eps=eps, alpha=alpha, steps=steps,
-                         random_start=random_start, samples=samples, seed=seed, strategy=strategy)
+                         random_start=random_start, mc_samples=mc_samples, seed=seed, strategy=strategy)
+        self.info.update(lam=lam, kappa=kappa)
         self.lam, self.kappa = lam, kappa
 
-    def config(self) -> dict[str, Any]:
-        return {**super().config(), "lam": self.lam, "kappa": self.kappa}
+
+def on_mc_mean(attack: Attack, samples: int, strategy: str = "auto") -> OnView:
+    """``attack`` run on the log mean softmax of ``samples`` Monte-Carlo copies
+    (:class:`~qrobust.mc.MCAverage`), labels from that mean; named ``<attack>_eot``. For attacks without
+    a loss over copies (CW-L2, JSMA)."""
+    samples = check_count("samples", samples)
+    return OnView(attack, partial(MCAverage, samples=samples, strategy=strategy), labels="view",
+                  name=f"{attack.name}_eot", info={"mc_samples": samples})
 
 
-__all__ = ["EOTPGD", "DetectorAwarePGD", "MCView", "detector_aware_loss", "eot_ce_loss", "mc_mean_log_probs",
-           "mc_predictions", "seed_variance"]
+__all__ = ["EOTPGD", "DetectorAwarePGD", "detector_aware_loss", "eot_ce_loss", "mc_predictions", "on_mc_mean"]

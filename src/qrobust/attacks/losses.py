@@ -16,7 +16,7 @@ from torch import Tensor
 from qrobust.errors import QrobustError
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
-LOSSES = ("ce", "ce_prob", "cw")
+LOSSES = ("ce", "ce_prob", "cw", "dlr", "dlr_targeted")
 
 
 def ce_loss(outputs: Tensor, y: Tensor) -> Tensor:
@@ -46,7 +46,32 @@ def cw_loss(outputs: Tensor, y: Tensor) -> Tensor:
     return margin(outputs, y)
 
 
-_BY_NAME: dict[str, LossFn] = {"ce": ce_loss, "ce_prob": ce_prob_loss, "cw": cw_loss}
+def _top(outputs: Tensor, k: int, loss: str) -> Tensor:
+    if outputs.dim() != 2 or outputs.shape[1] < k:
+        raise QrobustError(f"the {loss!r} loss needs outputs of shape (N, C) with C >= {k} classes, got "
+                           f"{tuple(outputs.shape)}; use 'ce' or 'cw'")
+    return outputs.topk(k, dim=1).values
+
+
+def dlr_loss(outputs: Tensor, y: Tensor) -> Tensor:
+    """Difference of Logits Ratio (Croce & Hein 2020): the margin over ``z_pi1 - z_pi3`` (sorted logits),
+    invariant to shifting and rescaling the logits, so large logits cannot mask the gradient."""
+    top = _top(outputs, 3, "dlr")
+    return margin(outputs, y) / (top[:, 0] - top[:, 2] + 1e-12)
+
+
+def dlr_targeted_loss(outputs: Tensor, y: Tensor) -> Tensor:
+    """Targeted DLR towards class ``y``, descended: ``(max_{j!=y} z_j - z_y) / (z_pi1 - (z_pi3+z_pi4)/2)``.
+
+    Equals the paper's ``(z_true - z_target) / ...`` while the true class still has the top logit, and
+    needs no true label, so it fits the ``(outputs, y)`` convention.
+    """
+    top = _top(outputs, 4, "dlr_targeted")
+    return margin(outputs, y) / (top[:, 0] - (top[:, 2] + top[:, 3]) / 2 + 1e-12)
+
+
+_BY_NAME: dict[str, LossFn] = {"ce": ce_loss, "ce_prob": ce_prob_loss, "cw": cw_loss, "dlr": dlr_loss,
+                               "dlr_targeted": dlr_targeted_loss}
 
 
 def resolve_loss(loss: str | LossFn) -> LossFn:
@@ -67,4 +92,5 @@ def check_per_sample(value: Tensor, batch: int) -> Tensor:
     return value
 
 
-__all__ = ["LOSSES", "LossFn", "ce_loss", "ce_prob_loss", "cw_loss", "margin", "resolve_loss"]
+__all__ = ["LOSSES", "LossFn", "ce_loss", "ce_prob_loss", "cw_loss", "dlr_loss", "dlr_targeted_loss",
+           "margin", "resolve_loss"]

@@ -13,6 +13,7 @@ import sys
 
 from qrobust import __version__
 from qrobust.errors import QrobustError
+from qrobust.utils import configure_logging
 
 SUBCOMMANDS = ("models", "train", "evaluate", "attack", "empir", "detect", "run")
 
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    configure_logging()  # the library logs (what it trains where); the command line shows it on stderr
     try:
         return int(args.func(args) or 0)
     except QrobustError as exc:

@@ -9,15 +9,11 @@ binds) and FGSM stddev 255 on [0, 1] pixels; pass ``--adv-eps 2`` / ``--adv-scal
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 
-import torch
-from torch import Tensor, nn
-
-from qrobust.attacks import FGSM, PGD, Attack, RandomEpsFGSM
+from qrobust.adversary import KINDS, Adversary, make_adversary, make_attack
 from qrobust.errors import QrobustError
 
-KINDS = ("fgsm", "fgsm-random", "pgd")
+__all__ = ["KINDS", "add_adv_options", "adv_kind", "build_adversary", "make_adversary", "make_attack"]
 SEED_A = {"1": "pgd", "2": "fgsm-random"}
 
 
@@ -49,30 +45,7 @@ def add_adv_options(p: argparse.ArgumentParser) -> None:
                         "1.0 = Madry et al. (adversarial loss only)")
 
 
-def make_attack(kind: str, *, eps: float = 0.3, alpha: float = 0.01, steps: int = 40,
-                random_start: bool = True, scale: float = 0.15, seed: int = 0) -> Attack:
-    """The training attack for ``--adv kind`` (labels are the true training labels)."""
-    if kind == "pgd":
-        return PGD(eps=eps, alpha=alpha, steps=steps, random_start=random_start, seed=seed)
-    if kind == "fgsm":
-        return FGSM(eps=eps, seed=seed)
-    if kind == "fgsm-random":
-        return RandomEpsFGSM(scale=scale, eps=eps, seed=seed)
-    raise QrobustError(f"unknown adversarial training attack {kind!r}; use one of {', '.join(KINDS)}")
-
-
-def make_adversary(attack: Attack, seed: int = 0) -> Callable[[nn.Module, Tensor, Tensor], Tensor]:
-    """Wrap an attack for :func:`qrobust.train.train`: one random stream across batches, true labels."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def adversary(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        return attack(model, x, y, generator=gen)
-
-    adversary.attack = attack  # type: ignore[attr-defined]
-    return adversary
-
-
-def build_adversary(args: argparse.Namespace) -> Callable[[nn.Module, Tensor, Tensor], Tensor]:
+def build_adversary(args: argparse.Namespace) -> Adversary:
     """``--adv ...`` -> ``adversary(model, x, y) -> x_adv``; sets ``args.adv_description`` (checkpoint)."""
     if args.adv_start_epoch < 0:
         raise QrobustError(f"--adv-start-epoch must be >= 0, got {args.adv_start_epoch}")

@@ -11,11 +11,17 @@ import numpy as np
 
 from qrobust.attacks import ATTACKS, LOSSES, attack_params, create_attack
 from qrobust.checkpoint import load_checkpoint
-from qrobust.cli.common import add_data, add_device, nonneg_int, positive_int
+from qrobust.cli.common import add_checkpoint, add_data, add_device, checkpoint_path, nonneg_int, positive_int
 from qrobust.data import check_images, load_dataset
 from qrobust.errors import QrobustError
 from qrobust.evaluate import evaluate_attack
-from qrobust.utils import atomic_write_bytes, atomic_write_json, resolve_device, seed_everything
+from qrobust.utils import (
+    atomic_write_bytes,
+    atomic_write_json,
+    resolve_device,
+    seed_everything,
+    show_progress,
+)
 
 # CLI option (dest) -> attack parameter; options that name the attack (cw_*) win over generic ones.
 _GENERIC = {"eps": "eps", "alpha": "alpha", "steps": "steps", "restarts": "restarts",
@@ -74,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     attack = create_attack(args.attack, **params)
     device = resolve_device(args.device)
     seed_everything(args.seed)
-    model, config = load_checkpoint(args.checkpoint, device)  # eval mode; MC-dropout models keep dropout on
+    model, config = load_checkpoint(checkpoint_path(args), device)  # eval mode; MC dropout stays on
     data = load_dataset(args.data or config.get("dataset", "digits"), root=args.data_root,
                         download=args.download)
     test = data.test.head(args.n) if args.n else data.test
@@ -87,14 +93,16 @@ def run(args: argparse.Namespace) -> int:
             raise QrobustError(f"--target {args.target} is not a class of this model (0-{num_classes - 1})")
         targets = args.target
 
+    redraw = show_progress(not args.quiet)  # a log gets no carriage-return redraws
+
     def progress(done: int, total: int) -> None:
-        if not args.quiet:
+        if redraw:
             print(f"\r{attack.name}: {done}/{total} images", end="", file=sys.stderr, flush=True)
 
     result = evaluate_attack(model, attack, x, y, labels=args.labels, targets=targets,
                              batch_size=args.batch_size, keep_adv=args.save_adv is not None,
                              progress=progress)
-    if not args.quiet:
+    if redraw:
         print(file=sys.stderr)
     record = {"checkpoint": args.checkpoint, "dataset": data.name, **result.as_dict()}
     lo, hi = result.adversarial_ci95
@@ -115,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("attack", help="attack a checkpoint and report adversarial accuracy")
-    p.add_argument("checkpoint")
+    add_checkpoint(p)
     p.add_argument("--attack", required=True, choices=[k for k in ATTACKS if k != "fgsm_random"])
     g = p.add_argument_group("attack settings (defaults: the attack's own, i.e. the seeds' settings)")
     g.add_argument("--eps", type=float, help="L-inf budget (FGSM/BIM/PGD; default 0.3)")

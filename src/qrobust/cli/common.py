@@ -1,8 +1,9 @@
-"""Argument helpers shared by subcommands (device, data, bounded numbers)."""
+"""Argument helpers shared by subcommands (device, data, checkpoints, bounded numbers)."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import NoReturn
 
 
@@ -48,6 +49,33 @@ def add_data(p: argparse.ArgumentParser, default: str | None = "digits") -> None
     p.add_argument("--data-root", default=None,
                    help="folder searched for <name>.npz and used by torchvision (default: $QROBUST_DATA_DIR)")
     p.add_argument("--download", action="store_true", help="let torchvision download a named dataset")
+
+
+def add_checkpoint(p: argparse.ArgumentParser) -> None:
+    """The positional CHECKPOINT (anything :func:`checkpoint_path` resolves) and ``--train-missing``."""
+    p.add_argument("checkpoint", help="checkpoint folder, recipe name or zoo:<recipe> (pretrained zoo)")
+    add_train_missing(p)
+
+
+def add_train_missing(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--train-missing", action="store_true",
+                   help="train a recipe that is not in the zoo yet (default: error saying how to get it)")
+
+
+def checkpoint_path(args: argparse.Namespace, text: str | None = None, *, flag: str | None = None,
+                    hint: str = "") -> Path:
+    """A checkpoint argument (default ``args.checkpoint``) resolved by
+    :func:`qrobust.zoo.resolve_checkpoint`; a missing recipe is trained only with ``--train-missing``."""
+    from qrobust.utils import resolve_device
+    from qrobust.zoo import resolve_checkpoint
+
+    train_missing = bool(getattr(args, "train_missing", False))
+    return resolve_checkpoint(
+        args.checkpoint if text is None else text, flag=flag, hint=hint, train_missing=train_missing,
+        data_root=getattr(args, "data_root", None),
+        device=resolve_device(getattr(args, "device", None) or "auto") if train_missing else "cpu",
+        progress=not getattr(args, "quiet", False),
+    )
 
 
 def one_line_errors(p: argparse.ArgumentParser) -> argparse.ArgumentParser:

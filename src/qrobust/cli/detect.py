@@ -16,41 +16,13 @@ from pathlib import Path
 from qrobust.cli.common import add_data, add_device, nonneg_int, positive_int
 from qrobust.errors import QrobustError
 
-# Seed A's enum (cleverhans_tutorials/mnist_attack.py)
-ATTACK_CODES = {0: "cw", 1: "jsma", 2: "fgsm", 3: "pgd", 4: "bim"}
-_NAMES = {
-    "cw": "cw",
-    "cwl2": "cw",
-    "carliniwagnerl2": "cw",
-    "jsma": "jsma",
-    "saliencymapmethod": "jsma",
-    "fgsm": "fgsm",
-    "fastgradientmethod": "fgsm",
-    "pgd": "pgd",
-    "madryetal": "pgd",
-    "bim": "bim",
-    "basiciterativemethod": "bim",
-}
-STATS = ("seed_variance", "entropy", "mutual_info", "pred_var")
-
 
 def parse_attacks(values: list[str]) -> list[str]:
     """Seed A's codes (0=CW-L2, 1=JSMA, 2=FGSM, 3=PGD/MadryEtAl, 4=BIM) or names, space/comma separated."""
-    out = []
-    for value in values:
-        for text in str(value).split(","):
-            key = text.strip().lower().replace("-", "").replace("_", "")
-            if not key:
-                continue
-            if key.isdigit() and int(key) in ATTACK_CODES:
-                out.append(ATTACK_CODES[int(key)])
-            elif key in _NAMES:
-                out.append(_NAMES[key])
-            else:
-                raise QrobustError(
-                    f"unknown attack {text!r}: use 0=CW-L2, 1=JSMA, 2=FGSM, 3=PGD (MadryEtAl), "
-                    "4=BIM, or one of cw, jsma, fgsm, pgd, bim"
-                )
+    from qrobust.attacks import seed_attack_name
+
+    texts = [text.strip() for value in values for text in str(value).split(",")]
+    out = [seed_attack_name(text) for text in texts if text]
     if not out:
         raise QrobustError("no attack given; use --attack 0..4 (e.g. --attack 2 for FGSM)")
     return list(dict.fromkeys(out))
@@ -87,26 +59,14 @@ def recipe_from_seed_flags(args: argparse.Namespace) -> str:
 
 
 def resolve_checkpoint(args: argparse.Namespace) -> Path:
-    from qrobust.recipes import RECIPES, default_zoo_dir
+    """CHECKPOINT / --model_path, else the zoo recipe the seed flags name (see :mod:`qrobust.zoo`)."""
+    from qrobust.cli.common import checkpoint_path
 
     text = args.checkpoint or args.model_path
     if text is None:
         text = recipe_from_seed_flags(args)
-    path = Path(text)
-    if path.is_dir():
-        return path
-    if text in RECIPES:
-        zoo = default_zoo_dir() / text
-        if (zoo / "config.json").is_file():
-            return zoo
-        raise QrobustError(
-            f"recipe {text!r} is not trained yet in {default_zoo_dir()}; train it with "
-            f"`python scripts/train_zoo.py --only {text}`"
-        )
-    raise QrobustError(
-        f"no checkpoint directory {text!r} (seed A's TensorFlow checkpoints cannot be read; give a "
-        "qrobust checkpoint from `qrobust train` or a zoo recipe name)"
-    )
+    return checkpoint_path(args, text, hint="seed A's TensorFlow checkpoints cannot be read; give a qrobust "
+                                          "checkpoint from `qrobust train` or a zoo recipe name")
 
 
 def check_seed_flags(args: argparse.Namespace, config: dict) -> None:
@@ -132,27 +92,9 @@ def check_seed_flags(args: argparse.Namespace, config: dict) -> None:
         )
 
 
-def set_dropout(model, rate: float) -> int:
-    """Seed A's --dropout: rate of every Monte-Carlo dropout layer, kept on at inference."""
-    from qrobust.models.common import MCDropout
-
-    if not 0.0 <= rate < 1.0:
-        raise QrobustError(f"--dropout must be in [0, 1), got {rate}")
-    n = 0
-    for m in model.modules():
-        if isinstance(m, MCDropout):
-            m.p, m.always_on = float(rate), True
-            n += 1
-    if n == 0 and rate > 0:
-        raise QrobustError("--dropout: this model has no dropout layers")
-    return n
-
-
 def build_attack(name: str, args: argparse.Namespace):
     """Seed A's attack settings; with --eot K the gradient sees K Monte-Carlo copies (batched)."""
-    from qrobust.attacks import BIM, CWL2, FGSM, JSMA, PGD
-    from qrobust.attacks.detector_aware import EOTPGD, DetectorAwarePGD
-    from qrobust.detect import MCAverage
+    from qrobust.attacks import BIM, CWL2, EOTPGD, FGSM, JSMA, PGD, DetectorAwarePGD, on_mc_mean
 
     k = args.eot
     if args.detector_aware:
@@ -163,7 +105,7 @@ def build_attack(name: str, args: argparse.Namespace):
             alpha=args.eps_iter,
             steps=args.nb_iter,
             random_start=name == "pgd",
-            samples=max(k, 2),
+            mc_samples=max(k, 2),
             lam=args.lam,
             kappa=args.kappa,
             seed=args.seed,
@@ -172,7 +114,7 @@ def build_attack(name: str, args: argparse.Namespace):
         steps = 1 if name == "fgsm" else args.nb_iter
         alpha = args.eps if name == "fgsm" else args.eps_iter
         return EOTPGD(
-            eps=args.eps, alpha=alpha, steps=steps, random_start=name == "pgd", samples=k, seed=args.seed
+            eps=args.eps, alpha=alpha, steps=steps, random_start=name == "pgd", mc_samples=k, seed=args.seed
         )
     atk = {
         "fgsm": lambda: FGSM(eps=args.eps, seed=args.seed),
@@ -183,28 +125,16 @@ def build_attack(name: str, args: argparse.Namespace):
         "jsma": lambda: JSMA(theta=1.0, gamma=0.1, seed=args.seed),
         "cw": lambda: CWL2(c=10.0, steps=args.attack_iterations, lr=0.1, binary_steps=1, seed=args.seed),
     }[name]()
-    if k > 1:  # CW / JSMA: attack the mean softmax of K copies
-        base = atk
-
-        class _OnMean:
-            name = f"{base.name}_eot"
-            targeted = False
-
-            def __call__(self, model, x, y=None):
-                return base(MCAverage(model, k), x, y)
-
-            def config(self):
-                return {**base.config(), "attack": self.name, "mc_samples": k}
-
-        return _OnMean()
-    return atk
+    return on_mc_mean(atk, k) if k > 1 else atk  # CW / JSMA: attack the mean softmax of K copies
 
 
 def run(args: argparse.Namespace) -> int:
     from qrobust.checkpoint import load_checkpoint
     from qrobust.data import check_images, load_dataset
-    from qrobust.detect import is_stochastic, run_detection, save_roc_png
+    from qrobust.detect import STAT_NAMES, roc_points, run_detection
     from qrobust.evaluate import wilson_interval
+    from qrobust.mc import is_stochastic
+    from qrobust.report.plots import roc_plot
     from qrobust.utils import atomic_write_json, check_writable_dir, resolve_device
 
     attacks = parse_attacks(args.attack)
@@ -219,6 +149,8 @@ def run(args: argparse.Namespace) -> int:
     check_seed_flags(args, config)
     model.eval()
     if args.dropout is not None:
+        from qrobust.models.dropout import set_dropout
+
         set_dropout(model, args.dropout)
     stochastic = is_stochastic(model)
     if args.measure_uncertainty and not stochastic:
@@ -291,13 +223,15 @@ def run(args: argparse.Namespace) -> int:
             if roc_dir is not None:
                 per, held = res.per_input, res.per_input["heldout"]
                 hs = held[per["success"][held]]
-                curves = {f"{s}, all": (per[f"clean_{s}"][held], per[f"adv_{s}"][held]) for s in STATS}
-                curves["seed_variance, successful"] = (
-                    per["clean_seed_variance"][hs],
-                    per["adv_seed_variance"][hs],
+                curves = {f"{s}, all": roc_points(per[f"clean_{s}"][held], per[f"adv_{s}"][held])
+                          for s in STAT_NAMES}
+                curves["seed_variance, successful"] = roc_points(
+                    per["clean_seed_variance"][hs], per["adv_seed_variance"][hs]
                 )
-                png = save_roc_png(roc_dir / f"roc_{name}.png", curves, f"{path.name} {name}, T={samples}")
-                row["roc_png"] = str(png)
+                title = f"{path.name} {name}, T={samples}"
+                png = roc_plot(roc_dir / f"roc_{name}.png", curves, title, mark_fpr=0.05)
+                if png is not None:
+                    row["roc_png"] = str(png)
         results.append(row)
         if args.json:
             continue

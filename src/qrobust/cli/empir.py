@@ -15,11 +15,6 @@ from pathlib import Path
 from qrobust.cli.common import add_device, nonneg_int, positive_int
 from qrobust.errors import QrobustError
 
-# EMPIR's enum in examples/mnist_attack.py
-ATTACK_CODES = {0: "cw", 1: "jsma", 2: "fgsm", 3: "pgd", 4: "bim"}
-_ATTACK_NAMES = {"cw": "cw", "cwl2": "cw", "carliniwagnerl2": "cw", "jsma": "jsma",
-                 "saliencymapmethod": "jsma", "fgsm": "fgsm", "fgm": "fgsm", "fastgradientmethod": "fgsm",
-                 "pgd": "pgd", "madryetal": "pgd", "bim": "bim", "basiciterativemethod": "bim"}
 DATASET_MODEL = {"mnist": "mnistconv", "cifar10": "cifarconv"}
 # EMPIR flags that only matter for training (the seed trains when --model_path holds no checkpoint)
 TRAINING_FLAGS = ("nb_epochs", "nb_filters", "lr", "learning_rate", "rand", "stocRound", "distill",
@@ -29,30 +24,21 @@ TRAINING_FLAGS = ("nb_epochs", "nb_filters", "lr", "learning_rate", "rand", "sto
 
 def parse_attack(text: str) -> str:
     """EMPIR's integer code (0=CW, 1=JSMA, 2=FGSM, 3=PGD/MadryEtAl, 4=BIM) or a name."""
-    key = text.strip().lower().replace("-", "").replace("_", "")
-    if key.isdigit() and int(key) in ATTACK_CODES:
-        return ATTACK_CODES[int(key)]
-    if key in _ATTACK_NAMES:
-        return _ATTACK_NAMES[key]
-    raise argparse.ArgumentTypeError(f"unknown attack {text!r}: use 0=CW, 1=JSMA, 2=FGSM, 3=PGD (MadryEtAl), "
-                                     "4=BIM, or one of cw, jsma, fgsm, pgd, bim")
+    from qrobust.attacks import seed_attack_name
+
+    try:
+        return seed_attack_name(text)
+    except QrobustError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
-def _resolve_path(text: str, flag: str) -> Path:
-    """A checkpoint directory, or the name of a zoo recipe already trained into artifacts/zoo."""
-    path = Path(text)
-    if path.is_dir():
-        return path
-    from qrobust.recipes import RECIPES, default_zoo_dir
+def _resolve_path(text: str, flag: str, args: argparse.Namespace | None = None) -> Path:
+    """A checkpoint directory, a recipe name or zoo:<recipe> (see :mod:`qrobust.zoo`)."""
+    from qrobust.cli.common import checkpoint_path
 
-    if text in RECIPES:
-        zoo = default_zoo_dir() / text
-        if zoo.is_dir():
-            return zoo
-        raise QrobustError(f"{flag} {text}: recipe {text!r} is not trained yet in {default_zoo_dir()}; "
-                           f"train it with `python scripts/train_zoo.py --only {text}`")
-    raise QrobustError(f"{flag} {text}: no such checkpoint directory (EMPIR's TensorFlow checkpoints cannot "
-                       "be read; give a qrobust checkpoint made by `qrobust train`, or a zoo recipe name)")
+    return checkpoint_path(args or argparse.Namespace(), text, flag=flag,
+                           hint="EMPIR's TensorFlow checkpoints cannot be read; give a qrobust checkpoint "
+                                "made by `qrobust train`, or a zoo recipe name")
 
 
 def _check_bits(model, config: dict, wbits: int, abits: int, flag: str) -> None:
@@ -80,7 +66,7 @@ def build_system(args: argparse.Namespace, device):
             raise QrobustError("give either --ensembleThree with --model_path1/2/3 or --model_path, not both")
         members, configs = [], []
         for i in (1, 2, 3):
-            path = _resolve_path(getattr(args, f"model_path{i}"), f"--model_path{i}")
+            path = _resolve_path(getattr(args, f"model_path{i}"), f"--model_path{i}", args)
             model, config = load_checkpoint(path, device)
             config["_path"] = str(path)
             members.append(model)
@@ -96,7 +82,7 @@ def build_system(args: argparse.Namespace, device):
     for flag in ("model_path1", "model_path2", "model_path3"):
         if getattr(args, flag):
             raise QrobustError(f"--{flag} is only used with --ensembleThree")
-    path = _resolve_path(args.model_path, "--model_path")
+    path = _resolve_path(args.model_path, "--model_path", args)
     model, config = load_checkpoint(path, device)
     config["_path"] = str(path)
     _check_bits(model, config, args.wbits, args.abits, "")
@@ -125,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from qrobust.data import check_images, load_dataset
-    from qrobust.ensemble import Ensemble, EnsembleAttack
+    from qrobust.ensemble import Ensemble, on_target
     from qrobust.evaluate import evaluate_attack
     from qrobust.utils import resolve_device
 
@@ -154,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
                                f"not {args.dataset}")
     if isinstance(system, Ensemble):
         target = system.attack_target(args.target, args.attack, combine=args.combine)
-        attack = EnsembleAttack(make_attack(args, target.loss), target)
+        attack = on_target(make_attack(args, target.loss), target)
         description = target.description
     else:
         attack = make_attack(args)
@@ -177,6 +163,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from qrobust.ensemble import COMBINES, RULES, THREAT_MODELS
+
     p = sub.add_parser("empir", help="EMPIR's attack scripts with EMPIR's flags (mixed-precision ensembles)",
                        description=__doc__.splitlines()[0])
     p.add_argument("dataset", choices=sorted(DATASET_MODEL), help="mnist (mnist_attack.py) or cifar10 "
@@ -214,12 +202,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--debug", action="store_true", help="ignored")
     a.add_argument("--test", action="store_true", help="ignored")
     q = p.add_argument_group("qrobust additions")
-    q.add_argument("--target", choices=("legacy", "adaptive"), default="legacy",
+    q.add_argument("--target", choices=THREAT_MODELS, default="legacy",
                    help="what an attack on the ensemble differentiates: legacy = EMPIR's code (default), "
-                        "adaptive = the whole ensemble (docs/ensembles.md)")
-    q.add_argument("--combine", choices=("mean_softmax", "mean_logits"), default="mean_softmax",
-                   help="adaptive target: mean softmax (Tramer et al.) or mean logits of all members")
-    q.add_argument("--rule", choices=("vote", "mean_softmax", "mean_logits"), default="vote",
+                        "adaptive = the whole ensemble, adaptive_logits = adaptive on the mean logits "
+                        "(docs/ensembles.md)")
+    q.add_argument("--combine", choices=COMBINES, default=None,
+                   help="adaptive target: mean softmax (Tramer et al.; default) or mean logits of all "
+                        "members")
+    q.add_argument("--rule", choices=RULES, default="vote",
                    help="ensemble prediction rule (EMPIR: vote)")
     q.add_argument("--attack-batch-size", dest="attack_batch_size", type=positive_int, default=100,
                    help="images per attack batch (EMPIR: 100)")

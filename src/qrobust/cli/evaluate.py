@@ -8,7 +8,14 @@ import json
 import torch
 
 from qrobust.checkpoint import load_checkpoint
-from qrobust.cli.common import add_data, add_device, nonneg_int, one_line_errors
+from qrobust.cli.common import (
+    add_checkpoint,
+    add_data,
+    add_device,
+    checkpoint_path,
+    nonneg_int,
+    one_line_errors,
+)
 from qrobust.data import check_images, load_dataset
 from qrobust.errors import QrobustError
 from qrobust.evaluate import predict, wilson_interval
@@ -17,7 +24,7 @@ from qrobust.utils import resolve_device
 
 def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
-    model, config = load_checkpoint(args.checkpoint, device)
+    model, config = load_checkpoint(checkpoint_path(args), device)
     spec = args.data or config.get("dataset", "digits")
     data = load_dataset(spec, root=args.data_root, download=args.download)
     test = data.test.head(args.n) if args.n else data.test
@@ -36,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = one_line_errors(sub.add_parser("eval", help="clean accuracy of a checkpoint"))
-    p.add_argument("checkpoint")
+    add_checkpoint(p)
     add_data(p, default=None)
     p.add_argument("-n", type=nonneg_int, default=0, help="first N test images (0 = all)")
     add_device(p)

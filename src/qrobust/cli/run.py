@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from qrobust.cli.common import positive_int
+from qrobust.cli.common import add_train_missing, positive_int
 
 
 def _log(message: str) -> None:
@@ -40,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
             f"{len(cfg.attacks)} attacks, detection {'on' if cfg.detection else 'off'}; output {cfg.output})"
         )
         return 0
-    runner = Runner(cfg, progress=not args.quiet, log=_log, report=True, allow_training=not args.report_only)
+    runner = Runner(cfg, progress=not args.quiet, log=_log, report=True, allow_training=not args.report_only,
+                    train_missing=args.train_missing)
     if args.report_only:
         from qrobust.experiment.store import ResultStore
 
@@ -96,6 +97,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--check", action="store_true", help="only validate the file")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from stored results")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_train_missing(p)
     p.add_argument(
         "--device",
         default=None,

@@ -7,14 +7,12 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
-from qrobust.checkpoint import save_checkpoint
+from qrobust.checkpoint import train_to_checkpoint
 from qrobust.cli.common import add_data, add_device, bits, nonneg_int, one_line_errors, positive_int
-from qrobust.data import NAMED, Dataset, load_dataset
+from qrobust.data import NAMED, load_dataset
 from qrobust.errors import QrobustError
 from qrobust.models import create_model, get_entry
-from qrobust.train import TrainConfig, train
+from qrobust.train import TrainConfig
 from qrobust.utils import check_writable_dir, resolve_device, seed_everything
 
 
@@ -52,27 +50,6 @@ def data_spec(spec: str) -> str:
     return str(path.resolve()) if spec not in NAMED and path.exists() else spec
 
 
-def check_model_data(model: torch.nn.Module, data: Dataset, model_name: str) -> None:
-    """Refuse a dataset whose image shape or label range does not fit the model, before any training."""
-    entry = get_entry(model_name)
-    if data.image_shape != entry.input_shape:
-        raise QrobustError(f"dataset {data.name} has images of shape {data.image_shape} but {model_name} "
-                           f"expects {entry.input_shape}; pick a matching --model or --data")
-    for split in (data.train, data.test):
-        if len(split) == 0:
-            raise QrobustError(f"{split.name} holds no images; use a dataset with training and test images")
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        classes = model(data.test.head(1).tensors()[0]).shape[1]
-    model.train(was_training)
-    for split in (data.train, data.test):
-        if split.num_classes > classes:
-            raise QrobustError(f"{split.name} has labels up to {split.num_classes - 1} but {model_name} "
-                               f"predicts {classes} classes (0-{classes - 1}); use a dataset with at most "
-                               f"{classes} classes")
-
-
 def run(args: argparse.Namespace) -> int:
     if args.epochs < 0:
         raise QrobustError(f"--epochs must be >= 0, got {args.epochs}")
@@ -90,31 +67,25 @@ def run(args: argparse.Namespace) -> int:
     seed_everything(args.seed)
     model = create_model(args.model, **model_kwargs(args))
     data = load_dataset(args.data, root=args.data_root, download=args.download)
-    check_model_data(model, data, args.model)
     adversary = None
     if getattr(args, "adv", None):
         from qrobust.cli.adv import build_adversary
 
         adversary = build_adversary(args)
     test = data.test.head(args.max_test) if args.max_test else data.test
-    state_dir = out.parent / f".{out.name}.train-state"
 
     def report(rec) -> None:
         print(f"epoch {rec.epoch:3d}  loss {rec.loss:.4f}  train acc {rec.train_accuracy:.4f}  test acc "
               f"{rec.test_accuracy:.4f}  {rec.seconds:.1f}s  {rec.images_per_second:.0f} img/s",
               file=sys.stderr)
 
-    result = train(model, data.train, test, cfg, device=device, adversary=adversary, state_dir=state_dir,
-                   progress=not args.quiet, on_epoch=report)
     info = {"dataset": data_spec(args.data), "dataset_name": data.name,
-            "train": {**vars(cfg), "device": str(device)}, **result.as_dict(),
-            "test_samples": len(test)}
+            "train": {**vars(cfg), "device": str(device)}}
     if adversary is not None:
         info["adversarial_training"] = getattr(args, "adv_description", args.adv)
-    save_checkpoint(out, model, info, overwrite=args.force)
-    import shutil
-
-    shutil.rmtree(state_dir, ignore_errors=True)
+    result = train_to_checkpoint(out, model, data, cfg, test=test, info=info, device=device,
+                                 adversary=adversary, progress=not args.quiet, on_epoch=report,
+                                 overwrite=args.force)
     print(json.dumps({"checkpoint": str(out), "test_accuracy": result.test_accuracy,
                       "train_seconds": round(result.seconds, 1)}))
     return 0

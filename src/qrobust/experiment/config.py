@@ -11,19 +11,20 @@ import copy
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 import tomllib
 
+from qrobust.ensemble import THREAT_MODELS
 from qrobust.errors import QrobustError
 
 ATTACK_RESERVED = ("name", "label", "eps", "table_eps", "models", "targets", "samples", "labels")
 LABELS = ("pred", "true")
 # ensemble threat models: EMPIR's own gradients, the whole ensemble through its mean softmax (Tramer et
 # al.), the whole ensemble through its mean logits (does not saturate on confident members)
-TARGETS = ("legacy", "adaptive", "adaptive_logits")
+TARGETS = THREAT_MODELS  # ensemble threat models, defined once in qrobust.ensemble
 DEFAULT_TARGETS = ("legacy", "adaptive")
 UNBOUNDED_EPS = 1.0  # L-inf radius that covers all of [0, 1]: any image can be reached
 _ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
@@ -124,7 +125,6 @@ class ExperimentConfig:
 
 
 SANITY_DEFAULTS = {"near_zero": 0.05, "tolerance": 0.0, "unbounded_eps": UNBOUNDED_EPS}
-TRAIN_KEYS = ("epochs", "batch_size", "lr", "adam_eps", "seed", "label_smoothing", "max_train")
 
 
 class _Checker:
@@ -349,23 +349,39 @@ def parse_config(
     )
 
 
+def train_keys() -> tuple[str, ...]:
+    """The keys of a ``train`` table: :class:`qrobust.train.TrainConfig`'s fields, so they cannot drift."""
+    from qrobust.train import TrainConfig
+
+    return tuple(f.name for f in fields(TrainConfig))
+
+
+_AT_LEAST_ONE = ("batch_size", "max_train")
+_POSITIVE = ("lr", "adam_eps")
+
+
 def _train_table(c: _Checker, value: Any, path: str) -> dict[str, Any]:
+    """Check each key by its :class:`TrainConfig` field type, then by ``TrainConfig.validate``."""
+    from qrobust.train import TrainConfig
+
     table = c.table(value, path)
-    c.unknown(table, TRAIN_KEYS, path)
+    c.unknown(table, train_keys(), path)
+    types = get_type_hints(TrainConfig)
     out: dict[str, Any] = {}
     for k, v in table.items():
-        if k in ("epochs", "seed"):
-            out[k] = c.integer(v, f"{path}.{k}")
-        elif k in ("batch_size", "max_train"):
-            out[k] = c.integer(v, f"{path}.{k}", minimum=1)
-        elif k == "label_smoothing":
-            out[k] = c.number(v, f"{path}.{k}")
-            if out[k] >= 1:
-                raise c.fail(f"{path}.{k}", f"must be in [0, 1), got {v}")
+        kind = types[k]
+        if kind is str:
+            out[k] = c.string(v, f"{path}.{k}")
+        elif kind is int or int in get_args(kind):
+            out[k] = c.integer(v, f"{path}.{k}", minimum=1 if k in _AT_LEAST_ONE else 0)
         else:
             out[k] = c.number(v, f"{path}.{k}")
-            if out[k] <= 0:
+            if k in _POSITIVE and out[k] <= 0:
                 raise c.fail(f"{path}.{k}", f"must be positive, got {v}")
+        try:  # one key at a time, so the message names it
+            TrainConfig(**{k: out[k]}).validate()
+        except QrobustError as exc:
+            raise c.fail(f"{path}.{k}", str(exc)) from exc
     return out
 
 
@@ -460,6 +476,12 @@ def _models(c: _Checker, value: Any, datasets: dict[str, DatasetSpec]) -> list[M
             spec.train = _train_table(c, t.get("train", {}), f"{path}.train")
         else:
             spec.checkpoint = c.string(t["checkpoint"], f"{path}.checkpoint")
+            if spec.checkpoint.startswith("zoo:"):  # a pretrained recipe (qrobust.zoo)
+                from qrobust.recipes import RECIPES
+
+                if spec.checkpoint[4:] not in RECIPES:
+                    raise c.fail(f"{path}.checkpoint", f"unknown recipe {spec.checkpoint[4:]!r}; known: "
+                                 f"{', '.join(sorted(RECIPES))}")
             for k in ("options", "train"):
                 if k in t:
                     raise c.fail(f"{path}.{k}", "a checkpoint is already trained; remove this key")

@@ -3,14 +3,15 @@
 A run is a list of *units*: train (or fetch) each model, then for every model/ensemble row the clean
 accuracy, every attack x eps (x ensemble threat model), and every detection setting. Each unit has a
 key — the SHA-256 of everything that produced it (model hash, attack settings, samples, seed, data
-fingerprint) — and is written to the SQLite store in one transaction when it finishes. A rerun skips
-keys already stored, so an interrupted run (even SIGKILL) resumes where it stopped and nothing is
-computed twice. Units are seeded from the experiment seed, not from their position in the run, so a
-resumed run gives the same numbers as an uninterrupted one.
+fingerprint, and the version of the attack / detection code, see :func:`code_versions`) — and is
+written to the SQLite store in one transaction when it finishes. A rerun skips keys already stored,
+so an interrupted run (even SIGKILL) resumes where it stopped and nothing is computed twice. Units are
+seeded from the experiment seed, not from their position in the run, so a resumed run gives the same
+numbers as an uninterrupted one.
 
 Trained models are keyed by (architecture + options, training settings, training-data fingerprint),
-saved with :func:`qrobust.checkpoint.save_checkpoint` (a temporary directory renamed into place) and
-resume mid-training from the per-epoch state of :func:`qrobust.train.train`.
+trained with :func:`qrobust.checkpoint.train_to_checkpoint` (saved in a temporary directory renamed
+into place; an interrupted training resumes from its last finished epoch).
 """
 
 from __future__ import annotations
@@ -33,10 +34,26 @@ from qrobust.errors import QrobustError
 from qrobust.evaluate import accuracy, wilson_interval
 from qrobust.experiment.config import AttackSpec, ExperimentConfig, ModelSpec
 from qrobust.experiment.store import ResultStore, stable_hash
-from qrobust.utils import check_writable_dir, resolve_device
+from qrobust.utils import check_writable_dir, resolve_device, show_progress
 
 STORE_NAME = "store.sqlite"
 Log = Callable[[str], None]
+# Version of the detection pipeline (MC sampling, statistics, held-out split, ROC): bump it when a
+# change alters detection results, so stored detection cells are recomputed and nothing else.
+DETECTION_VERSION = "1"
+
+
+def code_versions(attack: Any, *, detection: bool = False) -> dict[str, Any]:
+    """The versions of the code computing a cell, for its cache key (``Attack.version``, and
+    :data:`DETECTION_VERSION` for detection cells): bumping one recomputes exactly the cells it computes.
+
+    Versions still at "1" are left out, so keys (and stores) from before versioning stay valid.
+    """
+    versions = {"attack": str(getattr(attack, "version", "1"))}
+    if detection:
+        versions["detection"] = DETECTION_VERSION
+    versions = {k: v for k, v in versions.items() if v != "1"}
+    return {"code": versions} if versions else {}
 
 
 @dataclass
@@ -109,30 +126,6 @@ def bits_label(config: dict[str, Any] | None) -> str:
     return "FP"
 
 
-def ensemble_target(ensemble: Any, mode: str, attack: str) -> Any:
-    """The ensemble's attack target for a config threat model (``adaptive_logits`` = adaptive on the
-    mean of the members' logits)."""
-    if mode == "adaptive_logits":
-        return ensemble.attack_target("adaptive", attack, combine="mean_logits")
-    return ensemble.attack_target(mode, attack)
-
-
-class _OnTarget:
-    """An attack computed on an ensemble's attack target but scored on the ensemble itself."""
-
-    def __init__(self, attack: Any, target: nn.Module, extra: dict[str, Any]) -> None:
-        self.attack, self.target, self.extra = attack, target, extra
-        self.name = attack.name
-        self.targeted = attack.targeted
-        self.seed = attack.seed
-
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor | None = None) -> Tensor:
-        return self.attack(self.target, x, y)
-
-    def config(self) -> dict[str, Any]:
-        return {**self.attack.config(), **self.extra}
-
-
 class Runner:
     """Plans and runs the units of one experiment; see the module docstring."""
 
@@ -144,9 +137,11 @@ class Runner:
         log: Log | None = None,
         report: bool = True,
         allow_training: bool = True,
+        train_missing: bool = False,
     ) -> None:
         self.cfg = config
         self.allow_training = allow_training
+        self.train_missing = train_missing  # train a `checkpoint = "zoo:<recipe>"` missing from the zoo
         self.progress = progress
         self.log = log or (lambda _msg: None)
         self.write_report = report
@@ -211,9 +206,9 @@ class Runner:
         return model
 
     def _arch_model(self, spec: ModelSpec, store: ResultStore) -> tuple[nn.Module, str]:
-        from qrobust.checkpoint import CONFIG, load_checkpoint, save_checkpoint
+        from qrobust.checkpoint import CONFIG, load_checkpoint, train_to_checkpoint
         from qrobust.models import create_model
-        from qrobust.train import TrainConfig, train
+        from qrobust.train import TrainConfig
 
         settings = self._train_settings(spec)
         probe = create_model(spec.arch, **spec.options)
@@ -237,32 +232,23 @@ class Runner:
         self.log(f"training {spec.name} ({spec.arch} {spec.options or ''}, {settings['epochs']} epochs)")
         torch.manual_seed(settings["seed"])
         model = create_model(spec.arch, **spec.options)
-        state_dir = path.parent / f".{path.name}.train-state"
-        result = train(
+        info = {"dataset": data.name, "experiment": self.cfg.name, "model_hash": key}
+        result = train_to_checkpoint(
+            path,
             model,
-            data.train,
-            data.test.head(min(len(data.test), self.cfg.samples)),
+            data,
             TrainConfig(**settings),
+            test=data.test.head(min(len(data.test), self.cfg.samples)),
+            info=info,
             device=self.device,
-            state_dir=state_dir,
             progress=self.progress,
             on_epoch=lambda r: self.log(
                 f"  {spec.name} epoch {r.epoch}: loss {r.loss:.4f} "
                 f"test acc {r.test_accuracy:.4f} ({r.seconds:.1f}s)"
             ),
+            overwrite=True,
         )
-        info = {
-            "dataset": data.name,
-            "train": settings,
-            "experiment": self.cfg.name,
-            "model_hash": key,
-            **result.as_dict(),
-        }
-        save_checkpoint(path, model, info, overwrite=True)
-        store.put_model(key, spec.name, str(path), described, info)
-        import shutil
-
-        shutil.rmtree(state_dir, ignore_errors=True)
+        store.put_model(key, spec.name, str(path), described, {**info, "train": settings, **result.as_dict()})
         self.models_trained += 1
         model, _ = load_checkpoint(path, self.device)  # exactly what a resumed run will load
         return model, key
@@ -272,8 +258,9 @@ class Runner:
             raise QrobustError(f"model {name!r} is not trained yet; run without --report-only first")
 
     def _recipe_model(self, spec: ModelSpec, store: ResultStore) -> tuple[nn.Module, str]:
-        from qrobust.checkpoint import CONFIG, load_checkpoint
+        from qrobust.checkpoint import load_checkpoint
         from qrobust.recipes import ensure_trained, get_recipe
+        from qrobust.zoo import find_recipe, search_dirs
 
         recipe = get_recipe(spec.recipe or "")
         root = self.cfg.data_root
@@ -281,19 +268,21 @@ class Runner:
         if root is None and source.suffix == ".npz" and source.stem == recipe.dataset:
             root = str(source.parent)
         zoo = Path(self.cfg.zoo) if self.cfg.zoo else None
-        fresh = not ((zoo or _default_zoo()) / spec.recipe / CONFIG).is_file()
-        if fresh and not spec.train:
-            self._may_train(spec.name)
-        if fresh:
-            self.log(f"training recipe {spec.recipe} (cached in the zoo for later runs)")
-        path = ensure_trained(
-            spec.recipe or "",
-            zoo_dir=zoo,
-            data_root=root,
-            device=self.device,
-            progress=self.progress,
-            overrides=spec.train or None,
-        )
+        path = None
+        if not spec.train:  # the pretrained zoo, then the cache; training only when neither has it
+            path = find_recipe(recipe.name, search_dirs(zoo))
+            if path is None:
+                self._may_train(spec.name)
+                self.log(f"training recipe {spec.recipe} (cached in the zoo for later runs)")
+        if path is None:
+            path = ensure_trained(
+                recipe.name,
+                zoo_dir=zoo,
+                data_root=root,
+                device=self.device,
+                progress=self.progress,
+                overrides=spec.train or None,
+            )
         model, info = load_checkpoint(path, self.device)
         key = info.get("weights_sha256") or stable_hash({"checkpoint": str(path)})
         if store.get_model(key) is None:
@@ -308,8 +297,17 @@ class Runner:
 
     def _checkpoint_model(self, spec: ModelSpec, store: ResultStore) -> tuple[nn.Module, str]:
         from qrobust.checkpoint import WEIGHTS, load_checkpoint
+        from qrobust.zoo import resolve_checkpoint
 
-        path = Path(spec.checkpoint or "")
+        path = resolve_checkpoint(
+            spec.checkpoint or "",
+            flag=f"{self.cfg.source}: model {spec.name!r}:",
+            train_missing=self.train_missing and self.allow_training,
+            zoo_dir=self.cfg.zoo,
+            data_root=self.cfg.data_root,
+            device=self.device,
+            progress=self.progress,
+        )
         model, info = load_checkpoint(path, self.device)
         key = info.get("weights_sha256") or hashlib.sha256((path / WEIGHTS).read_bytes()).hexdigest()
         if store.get_model(key) is None:
@@ -359,7 +357,7 @@ class Runner:
         if mode is not None and "loss" in attack_params(spec.name):
             ens = self._models[target_name]
             if mode == "legacy" or "loss" not in params:
-                params["loss"] = ensemble_target(ens, mode, spec.name).loss
+                params["loss"] = ens.attack_target(mode, spec.name).loss
         return params
 
     def plan(self, store: ResultStore) -> list[Unit]:
@@ -418,7 +416,8 @@ class Runner:
                     n = a.samples or cfg.samples
                     for eps in a.eps:
                         params = self._attack_params(a, eps, mode, t)
-                        atk_cfg = create_attack(a.name, **params).config()
+                        atk = create_attack(a.name, **params)
+                        atk_cfg = atk.config()
                         described = {
                             "kind": "attack",
                             "model": self._hashes[t],
@@ -428,6 +427,7 @@ class Runner:
                             "samples": n,
                             "seed": cfg.seed,
                             "data": data_fp(n),
+                            **code_versions(atk),
                         }
                         units.append(
                             Unit(
@@ -447,7 +447,7 @@ class Runner:
             det = cfg.detection
             for name in det.models:
                 model = self.load_model(cfg.model(name), store)
-                from qrobust.detect import is_stochastic
+                from qrobust.mc import is_stochastic
 
                 if not is_stochastic(model):
                     raise QrobustError(
@@ -462,8 +462,10 @@ class Runner:
                     eps = det.eps if det.eps is not None else a.table_eps
                     n = det.samples or a.samples or cfg.samples
                     params = self._attack_params(a, eps, None, name)
-                    atk_cfg = create_attack(a.name, **params).config()
+                    atk = create_attack(a.name, **params)
+                    atk_cfg = atk.config()
                     described = {
+                        **code_versions(atk, detection=True),
                         "kind": "detection",
                         "model": self._hashes[name],
                         "attack": atk_cfg,
@@ -556,12 +558,9 @@ class Runner:
         assert spec is not None
         atk: Any = create_attack(spec.name, **self._attack_params(spec, u.eps, u.mode, u.target))
         if u.mode is not None:
-            target = ensemble_target(model, u.mode, spec.name)
-            atk = _OnTarget(
-                atk,
-                target,
-                {"ensemble_mode": u.mode, "target_output": target.output, "target": target.description},
-            )
+            from qrobust.ensemble import on_target
+
+            atk = on_target(atk, model.attack_target(u.mode, spec.name))
         res = evaluate_attack(model, atk, x, y, labels=spec.labels, batch_size=self.cfg.batch_size)
         d = res.as_dict()
         n = d["n"]
@@ -576,27 +575,19 @@ class Runner:
         }
 
     def _detection_unit(self, u: Unit, model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Any]:
-        import numpy as np
-        from sklearn.metrics import roc_curve
-
         from qrobust.attacks import create_attack
-        from qrobust.detect import evaluate_detection, mc_probs
-        from qrobust.evaluate import evaluate_attack
+        from qrobust.detect import roc_points, run_detection
 
         spec = u.spec
         det = self.cfg.detection
         assert spec is not None and det is not None
         atk = create_attack(spec.name, **self._attack_params(spec, u.eps, None, u.target))
-        res = evaluate_attack(
-            model, atk, x, y, labels=spec.labels, batch_size=self.cfg.batch_size, keep_adv=True
-        )
         gen = torch.Generator(device=x.device).manual_seed(self.cfg.seed)
-        probs_clean = mc_probs(model, x, det.mc_samples, generator=gen)
-        probs_adv = mc_probs(model, res.x_adv, det.mc_samples, generator=gen)
-        report, curves = evaluate_detection(probs_clean, probs_adv, y, seed=self.cfg.seed, bootstrap=200)
+        run = run_detection(model, atk, x, y, samples=det.mc_samples, attack_batch=self.cfg.batch_size,
+                            seed=self.cfg.seed, labels=spec.labels, mc_generator=gen, bootstrap=200)
+        report, curves, res = run.report, run.per_input, run.attack_result
         held = curves["heldout"]
-        neg, pos = curves["clean_seed_variance"][held], curves["adv_seed_variance"][held]
-        fpr, tpr, _ = roc_curve(np.r_[np.zeros(len(neg)), np.ones(len(pos))], np.r_[neg, pos])
+        roc = roc_points(curves["clean_seed_variance"][held], curves["adv_seed_variance"][held])
         metrics = report.heldout_all["seed_variance"]
         rd = report.as_dict()
         detection = {
@@ -612,7 +603,7 @@ class Runner:
             "uncertainty_adv": rd["mean_stats_adv"]["seed_variance"],
             "attack_success": rd["attack_success"],
             "n_heldout": rd["n_heldout"],
-            "roc": {"fpr": [float(v) for v in fpr], "tpr": [float(v) for v in tpr]},
+            "roc": {"fpr": roc["fpr"], "tpr": roc["tpr"]} if roc else {"fpr": [], "tpr": []},
             "report": _jsonable(rd),
         }
         d = res.as_dict()
@@ -643,12 +634,14 @@ class Runner:
                 desc=self.cfg.name,
                 unit="unit",
                 file=sys.stderr,
-                disable=not self.progress,
+                disable=not show_progress(self.progress),
                 dynamic_ncols=True,
             )
             try:
-                for u in todo:
+                for i, u in enumerate(todo, len(units) - len(todo) + 1):
                     bar.set_postfix_str(u.title[:60])
+                    if self.progress and bar.disable:  # a log or CI: one line per unit, no bar redraws
+                        self.log(f"[{i}/{len(units)}] {u.title.strip()}")
                     self.execute(u, store)
                     bar.update(1)
             finally:
@@ -697,12 +690,6 @@ class Runner:
             meta=meta,
             title=f"qrobust report: {self.cfg.name}",
         )
-
-
-def _default_zoo() -> Path:
-    from qrobust.recipes import default_zoo_dir
-
-    return default_zoo_dir()
 
 
 def _jsonable(obj: Any) -> Any:

@@ -1,7 +1,9 @@
 """The embedded result store: one SQLite file per output directory, keyed by content hashes.
 
 Each finished unit of work (a trained model, a clean or adversarial accuracy, a detection run) is
-written in its own transaction under a unique key, a hash of everything that produced it. A rerun
+written in its own transaction under a unique key, a hash of everything that produced it — including
+the version of the code that computed it (``Attack.version``, the detection pipeline's version), so a
+result computed before a change to that code is not reused after it. A rerun
 skips keys already present; a run killed at any point (even SIGKILL) loses at most the unit in
 flight, because SQLite's write-ahead log makes each committed transaction durable and atomic.
 Plain ``INSERT`` (not ``INSERT OR REPLACE``) makes a duplicate a loud error, never a silent redo.

@@ -62,6 +62,38 @@ class MaxPoolSame(nn.Module):
         return F.max_pool2d(x, self.k, self.s)
 
 
+class CenteredBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm with a learned shift but no scale: ``tf.contrib.layers.batch_norm``'s defaults in seed A.
+
+    TF's defaults are ``center=True, scale=False, decay=0.999, epsilon=1e-5``; decay 0.999 is PyTorch
+    momentum 0.001. The parameter is named ``bias`` (TF: ``beta``).
+    """
+
+    def __init__(self, num_features: int, momentum: float = 0.001, eps: float = 1e-5) -> None:
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=True)
+        del self.weight
+        self.register_parameter("weight", None)
+
+
+def seed_init_(module: nn.Module, conv_std: float, normalize_conv: bool = True) -> None:
+    """The seeds' CleverHans init: convs truncated normal (+-2 std), optionally each filter scaled to unit
+    L2 norm; fully connected layers standard normal with each output unit's weights scaled to unit norm
+    (``Linear``/``HiddenLinear`` in both seeds). Biases (if any) start at zero."""
+    for m in module.modules():
+        if not isinstance(m, nn.Conv2d | nn.Linear):
+            continue
+        with torch.no_grad():
+            if isinstance(m, nn.Conv2d):
+                nn.init.trunc_normal_(m.weight, std=conv_std, a=-2 * conv_std, b=2 * conv_std)
+            else:
+                nn.init.normal_(m.weight)
+            if normalize_conv or isinstance(m, nn.Linear):
+                norms = m.weight.flatten(1).norm(dim=1).clamp_min(1e-12)
+                m.weight.div_(norms.view(-1, *([1] * (m.weight.dim() - 1))))
+            if m.bias is not None:
+                m.bias.zero_()
+
+
 def unit_norm_truncnormal_(module: nn.Module, std: float) -> None:
     """EMPIR/CleverHans init: truncated normal, then each output filter scaled to unit L2 norm."""
     for m in module.modules():

@@ -3,13 +3,18 @@
 Every conv layer of MNISTconv/CIFARconv quantizes its input with k-bit activations, including
 conv1, so the image itself is quantized to 2^abits levels; fully connected layers stay full
 precision. AlexNet keeps conv1 and the last FC full precision.
+
+MNISTconv and CIFARconv have no bias anywhere, as EMPIR's ``Conv2D``, ``Conv2D_lowprecision``
+(``useBias=False``), ``HiddenLinear`` and ``Linear`` (its checkpoints hold only ``k`` and ``W``
+variables). ``extra_bias=True`` restores qrobust's former layout (a bias on the final Linear, and on
+CIFARconv's convs), where at wbits < 32 a zero bias quantizes to +1/3 (2 bits) in every channel.
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-from qrobust.models.common import MaxPoolSame, MCDropout, Normalize, unit_norm_truncnormal_
+from qrobust.models.common import MaxPoolSame, MCDropout, Normalize, seed_init_, unit_norm_truncnormal_
 from qrobust.models.registry import register_model
 from qrobust.quant import FULL_PRECISION, DoReFaActivation, DoReFaWeight, QuantConv2d, QuantLinear, check_bits
 
@@ -26,7 +31,8 @@ def _init_std(wbits: int, abits: int) -> float:
 class MNISTConv(nn.Module):
     """conv64 8x8/2 SAME - conv128 6x6/2 VALID - conv128 5x5/1 VALID - linear 10; ReLU, no bias."""
 
-    def __init__(self, *, wbits: int, abits: int, dropout: float, mc_dropout: bool, num_classes: int = 10):
+    def __init__(self, *, wbits: int, abits: int, dropout: float, mc_dropout: bool, extra_bias: bool = False,
+                 num_classes: int = 10):
         super().__init__()
         self.features = nn.Sequential(
             _qconv(1, 64, 8, stride=2, padding=3, bias=False, wbits=wbits, abits=abits),
@@ -38,52 +44,54 @@ class MNISTConv(nn.Module):
             nn.Flatten(),
         )
         self.dropout = MCDropout(dropout, mc_dropout)
-        self.classifier = nn.Linear(128, num_classes)
-        unit_norm_truncnormal_(self, _init_std(wbits, abits))
+        self.classifier = nn.Linear(128, num_classes, bias=extra_bias)
+        seed_init_(self, _init_std(wbits, abits))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.dropout(self.features(x)))
 
 
 @register_model("mnistconv", input_shape=(1, 28, 28), description="EMPIR MNISTconv (DoReFa wbits/abits)")
-def mnistconv(*, wbits: int = 32, abits: int = 32, dropout: float = 0.0,
-              mc_dropout: bool = False) -> nn.Module:
+def mnistconv(*, wbits: int = 32, abits: int = 32, dropout: float = 0.0, mc_dropout: bool = False,
+              extra_bias: bool = False) -> nn.Module:
     return MNISTConv(wbits=check_bits(wbits, "wbits"), abits=check_bits(abits, "abits"), dropout=dropout,
-                     mc_dropout=mc_dropout)
+                     mc_dropout=mc_dropout, extra_bias=bool(extra_bias))
 
 
 class CIFARConv(nn.Module):
     """cifar10_quick-like: conv32-maxpool-ReLU, conv32-ReLU-avgpool, conv64-ReLU-avgpool, FC64 (linear),
-    FC10."""
+    FC10; no bias anywhere (EMPIR)."""
 
-    def __init__(self, *, wbits: int, abits: int, dropout: float, mc_dropout: bool, num_classes: int = 10):
+    def __init__(self, *, wbits: int, abits: int, dropout: float, mc_dropout: bool, extra_bias: bool = False,
+                 num_classes: int = 10):
         super().__init__()
+        b = extra_bias
         self.features = nn.Sequential(
-            _qconv(3, 32, 5, padding=2, wbits=wbits, abits=abits),
+            _qconv(3, 32, 5, padding=2, bias=b, wbits=wbits, abits=abits),
             nn.MaxPool2d(3, 2),
             nn.ReLU(),
-            _qconv(32, 32, 5, padding=2, wbits=wbits, abits=abits),
+            _qconv(32, 32, 5, padding=2, bias=b, wbits=wbits, abits=abits),
             nn.ReLU(),
             nn.AvgPool2d(3, 2),
-            _qconv(32, 64, 5, padding=2, wbits=wbits, abits=abits),
+            _qconv(32, 64, 5, padding=2, bias=b, wbits=wbits, abits=abits),
             nn.ReLU(),
             nn.AvgPool2d(3, 2),
             nn.Flatten(),
         )
         self.fc1 = nn.Linear(3 * 3 * 64, 64, bias=False)
         self.dropout = MCDropout(dropout, mc_dropout)
-        self.classifier = nn.Linear(64, num_classes)
-        unit_norm_truncnormal_(self, _init_std(wbits, abits))
+        self.classifier = nn.Linear(64, num_classes, bias=b)
+        seed_init_(self, _init_std(wbits, abits))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.dropout(self.fc1(self.features(x))))
 
 
 @register_model("cifarconv", input_shape=(3, 32, 32), description="EMPIR CIFARconv (DoReFa wbits/abits)")
-def cifarconv(*, wbits: int = 32, abits: int = 32, dropout: float = 0.0,
-              mc_dropout: bool = False) -> nn.Module:
+def cifarconv(*, wbits: int = 32, abits: int = 32, dropout: float = 0.0, mc_dropout: bool = False,
+              extra_bias: bool = False) -> nn.Module:
     return CIFARConv(wbits=check_bits(wbits, "wbits"), abits=check_bits(abits, "abits"), dropout=dropout,
-                     mc_dropout=mc_dropout)
+                     mc_dropout=mc_dropout, extra_bias=bool(extra_bias))
 
 
 class DoReFaAlexNet(nn.Module):

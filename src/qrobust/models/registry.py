@@ -51,8 +51,16 @@ def get_entry(name: str) -> ModelEntry:
     return _REGISTRY[name]
 
 
-def create_model(name: str, **kwargs: Any) -> nn.Module:
-    """Build a registered model. The model remembers how it was built in ``model.qrobust_config``."""
+def create_model(name: str, *, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """Build a registered model. The model remembers how it was built in ``model.qrobust_config``.
+
+    ``pretrained=True``: ``name`` is a recipe (or ``zoo:<recipe>``) and the model comes with its trained
+    weights from the zoo, verified, offline (:func:`qrobust.zoo.load_pretrained`).
+    """
+    if pretrained:
+        from qrobust.zoo import load_pretrained
+
+        return load_pretrained(name, **kwargs)
     entry = get_entry(name)
     accepted = entry.params()
     unknown = sorted(set(kwargs) - set(accepted))

@@ -62,16 +62,17 @@ class _ClampQuantizeUnitSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, n: float) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x)
+        c = torch.clamp(x, 0.0, 1.0)
+        # 0 <= x <= 1 exactly where the clip left x unchanged; a bool mask is saved (a quarter of the
+        # memory of x, and the backward pass needs no comparisons).
+        ctx.save_for_backward(torch.eq(c, x))
         ctx.n = n
-        return torch.clamp(x, 0.0, 1.0).mul_(n).round_().div_(n)
+        return c.mul_(n).round_().div_(n)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        (x,) = ctx.saved_tensors
-        g = torch.div(grad, ctx.n).mul_(ctx.n)
-        inside = (x >= 0.0).logical_and_(x <= 1.0)
-        return torch.where(inside, g, 0.0), None
+        (inside,) = ctx.saved_tensors
+        return torch.where(inside, torch.div(grad, ctx.n).mul_(ctx.n), 0.0), None
 
 
 def _levels(bits: int) -> float:
@@ -178,45 +179,61 @@ class SignBinarizer(nn.Module):
 
 
 class _SeedAQuantizeSTE(torch.autograd.Function):
-    """clip(round(x * s) / s, -1, 1); gradient 1 where the rounded value lies in [-1, 1] (TF clip), else 0."""
+    """clip(round(x * s) / s, -1, 1); gradient where the rounded value lies in [-1, 1] (TF clip), else 0.
+
+    ``clip_grad``: seed A's ``Round`` gradient override clip(g, -1, 1) acts on the gradient of
+    round(x * s), i.e. on g / s; scaled back by s, the gradient reaching x is clip(g, -s, s) (exact in
+    floating point: s is a power of two). Without it the gradient is g itself (plain STE).
+    """
 
     @staticmethod
-    def forward(ctx, x: Tensor, s: float) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x)
-        ctx.s = s
-        return torch.mul(x, s).round_().div_(s).clamp_(-1.0, 1.0)
+    def forward(ctx, x: Tensor, s: float, clip_grad: bool) -> Tensor:  # type: ignore[override]
+        r = torch.mul(x, s).round_()
+        ctx.save_for_backward(torch.abs(r).le(s))  # |round(x s) / s| <= 1, exactly (s = 2^j)
+        ctx.s, ctx.clip_grad = s, clip_grad
+        return r.div_(s).clamp_(-1.0, 1.0)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        (x,) = ctx.saved_tensors
-        r = torch.mul(x, ctx.s).round_().div_(ctx.s)
-        inside = (r >= -1.0).logical_and_(r <= 1.0)
-        return torch.where(inside, grad, 0.0), None
+        (inside,) = ctx.saved_tensors
+        g = grad.clamp(-ctx.s, ctx.s) if ctx.clip_grad else grad
+        return torch.where(inside, g, 0.0), None, None
+
+
+SEED_A_STES = ("clip", "identity")
 
 
 class SeedAQuantizer(nn.Module):
     """Seed A's k-bit quantizer: clip(round(x * 2^(k-1)) / 2^(k-1), -1, 1) -> 2^k + 1 levels on [-1, 1].
 
-    Rounding is straight-through; the clip keeps TensorFlow's gradient (passed on [-1, 1], boundaries
-    included, unlike ``torch.clamp``), so a value rounded to exactly +-1 still gets a gradient.
+    The clip keeps TensorFlow's gradient (passed on [-1, 1], boundaries included, unlike ``torch.clamp``),
+    so a value rounded to exactly +-1 still gets a gradient. ``ste="clip"`` is the seed's: its ``Round``
+    gradient override clips the gradient to [-1, 1] at the rounding, which bounds the gradient reaching x
+    to +-2^(k-1); ``ste="identity"`` passes it unclipped (qrobust before issue 12).
     """
 
-    def __init__(self, bits: int) -> None:
+    def __init__(self, bits: int, ste: str = "clip") -> None:
         super().__init__()
         self.bits = check_bits(bits, "bits")
+        if ste not in SEED_A_STES:
+            raise QrobustError(f"k-bit STE must be one of {', '.join(SEED_A_STES)}, got {ste!r}")
+        self.ste = ste
 
     def forward(self, x: Tensor) -> Tensor:
         if self.bits == FULL_PRECISION:
             return x
-        return _SeedAQuantizeSTE.apply(x, float(2 ** (self.bits - 1)))
+        return _SeedAQuantizeSTE.apply(x, float(2 ** (self.bits - 1)), self.ste == "clip")
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}"
+        return f"bits={self.bits}, ste={self.ste}"
 
 
 def hard_sigmoid(x: Tensor) -> Tensor:
     """clip((x + 1) / 2, 0, 1), the BinaryConnect hard sigmoid."""
     return torch.clamp((x + 1.0) / 2.0, 0.0, 1.0)
+
+
+RAND_GRADS = ("ste", "none")
 
 
 class _StochasticBinarySTE(torch.autograd.Function):
@@ -244,18 +261,30 @@ class StochasticBinaryWeight(nn.Module):
 
     The backward pass uses the gradient of the expectation 2 * hard_sigmoid(w) - 1 (straight-through),
     which is what an EOT attack averages over. Pass ``generator`` for reproducible sampling.
+    ``grad="none"`` is seed A's actual behaviour: its Bernoulli sample (a comparison of uniforms with
+    the probabilities) has no gradient, so the latent weights never train; inputs still get gradients.
     """
 
     bits = 1
 
-    def __init__(self) -> None:
+    def __init__(self, grad: str = "ste") -> None:
         super().__init__()
+        if grad not in RAND_GRADS:
+            raise QrobustError(f"stochastic weight gradient must be one of {', '.join(RAND_GRADS)}, "
+                               f"got {grad!r}")
+        self.grad = grad
         self.generator: torch.Generator | None = None
 
     def forward(self, w: Tensor) -> Tensor:
+        if self.grad == "none":
+            with torch.no_grad():
+                return stochastic_binary(w, self.generator)
         # A custom function rather than ``expected + (sample - expected).detach()``: that composite is
         # not exactly +-1 in floating point (e.g. 0.99999994), so the weights would not be binary.
         return stochastic_binary(w, self.generator)
+
+    def extra_repr(self) -> str:
+        return f"grad={self.grad}"
 
 
 class ScaledReLU(nn.Module):

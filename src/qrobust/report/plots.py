@@ -75,27 +75,44 @@ def accuracy_vs_eps(
     return _save(fig, path)
 
 
-def roc_curves(
-    records: Sequence[Record], path: str | os.PathLike, title: str = "Detection ROC"
+def roc_plot(
+    path: str | os.PathLike,
+    curves: Mapping[str, Mapping[str, Any] | None],
+    title: str = "Detection ROC",
+    *,
+    mark_fpr: float | None = None,
 ) -> Path | None:
-    """ROC curves of the detection records (one curve per model and attack), AUC in the legend."""
-    det = [r for r in records if r.get("kind") == "detection" and r["detection"].get("roc")]
-    if not det:
+    """THE ROC figure: one curve per label from ``{"fpr", "tpr", "auc"}`` (see
+    :func:`qrobust.detect.roc_points`; None entries are skipped), AUC in the legend, optionally a
+    vertical line at the operating false-positive rate ``mark_fpr``."""
+    curves = {k: v for k, v in curves.items() if v is not None}
+    if not curves:
         return None
     fig, ax = plt.subplots(figsize=(5, 5))
-    for r in det:
-        roc = r["detection"]["roc"]
-        eps = "" if r.get("eps") is None else f" eps={r['eps']:g}"
-        ax.plot(
-            roc["fpr"], roc["tpr"], label=f"{r['row']} / {r['attack']}{eps} (AUC {r['detection']['auc']:.3f})"
-        )
+    for label, roc in curves.items():
+        ax.plot(roc["fpr"], roc["tpr"], label=f"{label} (AUC {roc['auc']:.3f})")
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    if mark_fpr is not None:
+        ax.axvline(mark_fpr, color="grey", linewidth=0.5, linestyle="--")
     ax.set_xlabel("false positive rate (clean flagged)")
     ax.set_ylabel("true positive rate (adversarial flagged)")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     return _save(fig, path)
+
+
+def roc_curves(
+    records: Sequence[Record], path: str | os.PathLike, title: str = "Detection ROC"
+) -> Path | None:
+    """ROC curves of the detection records (one curve per model and attack)."""
+    curves = {}
+    for r in records:
+        if r.get("kind") == "detection" and r["detection"].get("roc"):
+            eps = "" if r.get("eps") is None else f" eps={r['eps']:g}"
+            det = r["detection"]
+            curves[f"{r['row']} / {r['attack']}{eps}"] = {**det["roc"], "auc": det["auc"]}
+    return roc_plot(path, curves, title)
 
 
 def bits_key(bits: str) -> tuple[int, int]:

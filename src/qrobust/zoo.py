@@ -1,0 +1,220 @@
+"""The one resolver for "a checkpoint folder, a recipe name or ``zoo:<recipe>``", offline.
+
+Pretrained recipe checkpoints live in the repository's ``zoo/<recipe>/`` (``model.safetensors`` +
+``config.json``) next to a ``zoo/SHA256SUMS`` list; nothing is ever downloaded. A recipe is looked up
+in this order:
+
+1. the pretrained zoo: ``$QROBUST_ZOO`` if set, else ``zoo/`` of the source tree qrobust runs from
+   (an editable install);
+2. the training cache (``artifacts/zoo`` in the working directory, or the experiment's ``zoo``), where
+   :func:`qrobust.recipes.ensure_trained` trains recipes.
+
+A zoo that has a ``SHA256SUMS`` file must list the recipe's files with matching hashes (a tampered
+file is refused); without one, the weight hash in ``config.json`` is what :func:`load_checkpoint`
+checks. A checkpoint trained with other settings than the current recipe is skipped. Training
+happens only when asked (``train_missing=True`` / ``--train-missing``); otherwise a missing recipe is
+an error saying how to get it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import qrobust
+from qrobust.checkpoint import CONFIG, WEIGHTS, load_checkpoint
+from qrobust.errors import QrobustError
+from qrobust.utils import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+PREFIX = "zoo:"
+SUMS = "SHA256SUMS"
+ENV = "QROBUST_ZOO"
+
+
+def pretrained_dir() -> Path | None:
+    """``$QROBUST_ZOO``, else the ``zoo/`` folder of the source tree (None for an installed wheel)."""
+    env = os.environ.get(ENV)
+    if env:
+        return Path(env)
+    root = Path(qrobust.__file__).resolve().parents[2]  # src/qrobust/__init__.py -> repository
+    return root / "zoo" if (root / "pyproject.toml").is_file() else None
+
+
+def cache_dir() -> Path:
+    """Where recipes are trained on demand: ``$QROBUST_ZOO`` if set (one shared zoo), else
+    ``artifacts/zoo`` in the working directory."""
+    env = os.environ.get(ENV)
+    return Path(env) if env else Path.cwd() / "artifacts" / "zoo"
+
+
+def search_dirs(cache: str | os.PathLike | None = None) -> list[Path]:
+    """The zoo folders searched for a recipe, in order (pretrained first, then the training cache)."""
+    dirs = [pretrained_dir(), Path(cache) if cache is not None else cache_dir()]
+    out: list[Path] = []
+    for d in dirs:
+        if d is not None and all(d.resolve() != o.resolve() for o in out):
+            out.append(d)
+    return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_sums(zoo: str | os.PathLike) -> dict[str, str] | None:
+    """``{relative path: sha256}`` from ``zoo/SHA256SUMS`` (``sha256sum`` format), None if absent."""
+    path = Path(zoo) / SUMS
+    if not path.is_file():
+        return None
+    sums = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        digest, _, name = line.partition(" ")
+        name = name.strip().lstrip("*")
+        if len(digest) != 64 or not name:
+            raise QrobustError(f"{path}:{n}: expected '<sha256>  <recipe>/<file>', got {line!r}; restore the "
+                               f"file or rewrite it with qrobust.zoo.record_sums")
+        sums[name] = digest.lower()
+    return sums
+
+
+def record_sums(zoo: str | os.PathLike, *names: str) -> Path:
+    """Record the hashes of checkpoint folders ``names`` in ``zoo/SHA256SUMS`` (created if missing),
+    keeping the other entries: run it after training recipes into a zoo that is shared or committed."""
+    zoo = Path(zoo)
+    sums = read_sums(zoo) or {}
+    for name in names:
+        for fname in (WEIGHTS, CONFIG):
+            path = zoo / name / fname
+            if not path.is_file():
+                raise QrobustError(f"{path} does not exist; train recipe {name} into {zoo} first")
+            sums[f"{name}/{fname}"] = _sha256(path)
+    atomic_write_text(zoo / SUMS, "".join(f"{d}  {k}\n" for k, d in sorted(sums.items())))
+    return zoo / SUMS
+
+
+def verify(zoo: str | os.PathLike, name: str) -> None:
+    """Refuse ``zoo/name`` if ``zoo/SHA256SUMS`` lists its files with other hashes (tampered or corrupt)."""
+    zoo = Path(zoo)
+    sums = read_sums(zoo)
+    if sums is None:
+        return
+    listed = [f for f in (WEIGHTS, CONFIG) if f"{name}/{f}" in sums]
+    if not listed:
+        log.warning("%s is not listed in %s; only the weight hash in its %s is checked",
+                    zoo / name, zoo / SUMS, CONFIG)
+        return
+    for fname in (WEIGHTS, CONFIG):
+        rel = f"{name}/{fname}"
+        path = zoo / rel
+        if rel not in sums or not path.is_file() or _sha256(path) != sums[rel]:
+            raise QrobustError(
+                f"{path} does not match its SHA-256 in {zoo / SUMS}: the file is missing, corrupt or was "
+                f"replaced. Restore it (e.g. `git checkout -- {zoo.name}/{name}`) or retrain it with "
+                f"`python scripts/train_zoo.py --only {name}`"
+            )
+
+
+def find_recipe(name: str, dirs: list[Path]) -> Path | None:
+    """The first verified checkpoint of recipe ``name`` (trained with its current settings) in ``dirs``."""
+    from qrobust.recipes import get_recipe, matches
+
+    recipe = get_recipe(name)
+    for zoo in dirs:
+        path = zoo / name
+        if not (path / CONFIG).is_file():
+            continue
+        verify(zoo, name)
+        if not matches(path, recipe):
+            log.warning("%s was trained with other settings than recipe %s now has; ignoring it", path, name)
+            continue
+        return path
+    return None
+
+
+def resolve_checkpoint(
+    text: str | os.PathLike,
+    *,
+    flag: str | None = None,
+    hint: str = "",
+    train_missing: bool = False,
+    zoo_dir: str | os.PathLike | None = None,
+    data_root: str | os.PathLike | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> Path:
+    """The checkpoint folder named by ``text``: a folder, ``zoo:<recipe>`` or a bare recipe name.
+
+    ``flag`` prefixes error messages (e.g. ``--model_path``); ``hint`` ends the not-found message.
+    ``zoo_dir`` replaces the training cache (searched after the pretrained zoo, trained into).
+    """
+    from qrobust.recipes import RECIPES, get_recipe
+
+    text = str(text)
+    where = f"{flag} {text}: " if flag else ""
+    if text.startswith(PREFIX):
+        name = text[len(PREFIX):]
+        try:
+            get_recipe(name)
+        except QrobustError as exc:
+            raise QrobustError(f"{where}{exc}") from exc
+    elif Path(text).is_dir():
+        return Path(text)
+    elif text in RECIPES:
+        name = text
+    else:
+        raise QrobustError(
+            f"{where}checkpoint {text} does not exist: no such checkpoint directory, and not a recipe name "
+            f"or zoo:<recipe>{'; ' + hint if hint else ''}"
+        )
+    dirs = search_dirs(zoo_dir)
+    found = find_recipe(name, dirs)
+    if found is not None:
+        return found
+    if train_missing:
+        from qrobust.recipes import ensure_trained
+
+        return ensure_trained(name, zoo_dir=zoo_dir, data_root=data_root, device=device, progress=progress)
+    raise QrobustError(
+        f"{where}recipe {name!r} is not trained yet (searched {', '.join(str(d) for d in dirs)}); train it "
+        f"with `python scripts/train_zoo.py --only {name}`, pass --train-missing (Python: "
+        f"train_missing=True), or set {ENV} to a zoo that has it"
+    )
+
+
+def load_pretrained(name: str, device: torch.device | str = "cpu", *, train_missing: bool = False,
+                    **kwargs: Any) -> nn.Module:
+    """Recipe ``name``'s trained model from the zoo (``create_model(name, pretrained=True)``), in eval mode.
+
+    ``kwargs`` are model options; they must agree with the recipe's (a pretrained model is fixed).
+    """
+    from qrobust.models import get_entry
+    from qrobust.recipes import RECIPES
+
+    name = name[len(PREFIX):] if name.startswith(PREFIX) else name
+    if name not in RECIPES:
+        raise QrobustError(f"no pretrained weights for {name!r}: pretrained models are named by recipe, one "
+                           f"of {', '.join(sorted(RECIPES))}; or build it untrained with pretrained=False")
+    recipe = RECIPES[name]
+    wanted = {**get_entry(recipe.model).params(), **recipe.model_kwargs}
+    differ = sorted(k for k, v in kwargs.items() if wanted.get(k, object()) != v)
+    if differ:
+        raise QrobustError(f"recipe {name} is {recipe.model} with {recipe.model_kwargs}; option(s) "
+                           f"{', '.join(f'{k}={kwargs[k]!r}' for k in differ)} differ. Drop them, or train "
+                           "such a model (pretrained=False)")
+    path = resolve_checkpoint(PREFIX + name, train_missing=train_missing, device=device)
+    model, _ = load_checkpoint(path, device)
+    return model

@@ -2,169 +2,185 @@
 
     python scripts/bad_inputs.py            # writes docs/bad_inputs.md
 
-Every case must exit non-zero with a single ``error: ...`` line on stderr (no traceback) that says
-what is wrong and how to fix it, and no existing checkpoint may change unless --force was given.
+The cases are the table of ``tests/test_bad_inputs.py`` (its single source of truth): each must exit
+with the listed code, print exactly one ``error: ...`` line on stderr (no traceback) that says what is
+wrong and how to fix it, and leave every file of the workspace byte-identical. The test module runs
+the same table in-process; this script runs it as a user would, and writes the table to the docs.
 The script exits 1 if any case misbehaves.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
+import contextlib
+import importlib.util
+import io
 import os
-import shutil
+import re
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
-from qrobust.utils import atomic_write_text
+from qrobust.utils import update_marked_section
 
 REPO = Path(__file__).resolve().parents[1]
 QROBUST = [sys.executable, "-m", "qrobust"]
 
+# What each class of bad input gets, and the mechanism that gives it (docs/bad_inputs.md).
+CLASSES = {
+    "--force on a folder qrobust did not write":
+        "refused, with or without --force: `--force` replaces only a folder holding just `model.safetensors` "
+        "and a qrobust `config.json` (`checkpoint.check_checkpoint_target`)",
+    "labels outside the model's classes":
+        "refused before any attack or training: accuracy on labels the model cannot predict is 0% by "
+        "construction (`checkpoint.check_labels`, every command)",
+    "bad data":
+        "refused on load: dtype, shape, NaN pixels, integer labels, counts (`data.load_npz`, "
+        "`data.check_images`)",
+    "unverified or broken checkpoint":
+        "refused before the tensors are read: size against the model, SHA-256 required "
+        "(`--trust-unverified` / `load_checkpoint(..., trust_unverified=True)` to override), header and "
+        "shapes, finite weights "
+        "(`checkpoint.load_checkpoint`)",
+    "output is a directory or unwritable":
+        "refused before computing (`utils.check_output_file`, `utils.check_writable_dir`)",
+    "memory-hungry settings":
+        "refused up front when the arrays cannot fit in available memory (`utils.check_memory`)",
+    "too few images":
+        "refused up front (detection needs a fit half and a held-out half)",
+    "experiment file":
+        "refused by `qrobust run --check` and `run` alike: every option's type, model options, ensemble "
+        "rules, names that become file names (`experiment.config`)",
+    "store that is not qrobust's":
+        "refused, the database untouched (`ResultStore._check_own`)",
+    "argument errors":
+        "one `error:` line, no usage dump (`cli.common.one_line_errors`)",
+}
+IN_PROCESS = [  # (class, what it gets, the test in tests/test_bad_inputs.py)
+    ("two `qrobust run` on one output",
+     "the second refuses at once: `error: experiment output ... is in use by another qrobust run (pid N)`; "
+     "an OS file lock (`utils.output_lock`), released even on SIGKILL",
+     "test_second_run_on_one_output_refuses_while_the_first_holds_it"),
+    ("full disk (ENOSPC) while writing a result or a checkpoint",
+     "`error: cannot write FILE: No space left on device; free disk space ...`, exit 2; the previous file or "
+     "checkpoint intact, no temporary files; the finished epochs stay for a rerun",
+     "test_full_disk_is_a_clear_error_and_old_files_survive"),
+    ("an OS error no check foresaw",
+     "`error: <reason> <file>; <what to change>`, exit 1 (`cli.main`)",
+     "test_os_errors_that_escape_become_one_line"),
+    ("resume with other data or other adversarial-training settings",
+     "refused: the resume fingerprint covers the model, every training setting, a hash of the training "
+     "arrays, the training attack and the qrobust version (`train._fingerprint`)",
+     "test_resume_refuses_other_data_or_adversarial_settings"),
+    ("`--epochs 0`",
+     "a valid checkpoint whose `config.json` records `test_accuracy: null` (never `NaN`)",
+     "test_epochs_zero_writes_valid_json"),
+    ("hand-edited checkpoint, trusted",
+     "`--trust-unverified` loads it",
+     "test_unverified_checkpoint_loads_only_when_trusted"),
+    ("`--force` over a qrobust checkpoint / over one holding a user file",
+     "replaced / refused, the user file kept",
+     "test_force_replaces_a_qrobust_checkpoint_only"),
+]
 
-def tree_digest(path: Path) -> str:
-    """SHA-256 over every file (name and bytes) of a checkpoint directory."""
-    h = hashlib.sha256()
-    for f in sorted(path.rglob("*")):
-        if f.is_file():
-            h.update(f.relative_to(path).as_posix().encode())
-            h.update(f.read_bytes())
-    return h.hexdigest()
+
+def load_table():
+    spec = importlib.util.spec_from_file_location("bad_inputs_table", REPO / "tests" / "test_bad_inputs.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
 
 
-def run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([*QROBUST, *args], capture_output=True, text=True, env=env, timeout=600)
+def run_case(argv: list[str], ws: Path, env: dict[str, str], in_process: bool) -> tuple[int, str]:
+    """Exit code and stderr of ``qrobust ARGV`` run in ``ws``: a subprocess, or ``qrobust.cli.main``
+    in this process (same exit codes; seconds instead of minutes on a busy machine)."""
+    if not in_process:
+        proc = subprocess.run([*QROBUST, *argv], capture_output=True, text=True, env=env, cwd=ws, timeout=600)
+        return proc.returncode, proc.stderr
+    from qrobust.cli import main as cli_main
 
-
-def build_workspace(ws: Path, env: dict[str, str]) -> dict[str, Path]:
-    """Tiny datasets (good and broken) and one good checkpoint to attack with bad commands."""
-    from qrobust.data import load_dataset
-
-    d = load_dataset("digits")
-    x_tr, y_tr = d.train.x[:192, 0].numpy(), d.train.y[:192].numpy()
-    x_te, y_te = d.test.x[:64, 0].numpy(), d.test.y[:64].numpy()
-    p = {"good": ws / "digits_tiny.npz", "nan": ws / "nan_pixels.npz", "nokeys": ws / "no_keys.npz",
-         "labels": ws / "labels_0_to_18.npz", "empty_root": ws / "empty_root", "ckpt": ws / "ckpt",
-         "corrupt": ws / "ckpt_corrupt", "rgb": ws / "rgb_32x32.npz", "mismatch": ws / "ckpt_mismatch",
-         "file": ws / "a_file"}
-    np.savez(p["good"], x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te)
-    nan = x_tr.astype(np.float32) / 255
-    nan[0, 5, 5] = np.nan
-    np.savez(p["nan"], x_train=nan, y_train=y_tr, x_test=x_te.astype(np.float32) / 255, y_test=y_te)
-    np.savez(p["nokeys"], images=x_tr, labels=y_tr)
-    rgb = np.zeros((8, 32, 32, 3), np.uint8)
-    np.savez(p["rgb"], x_train=rgb, y_train=np.zeros(8, np.int64), x_test=rgb, y_test=np.zeros(8, np.int64))
-    np.savez(p["labels"], x_train=x_tr, y_train=(y_tr * 2).astype(np.int64), x_test=x_te, y_test=y_te)
-    p["empty_root"].mkdir()
-    p["file"].write_text("not a directory\n")
-    proc = run(["train", "--model", "mnistconv", "--wbits", "2", "--abits", "4", "--data", str(p["good"]),
-                "--epochs", "1", "--batch-size", "64", "--quiet", "--out", str(p["ckpt"])], env)
-    if proc.returncode != 0:
-        raise SystemExit(f"could not train the reference checkpoint:\n{proc.stderr}")
-    shutil.copytree(p["ckpt"], p["corrupt"])
-    blob = bytearray((p["corrupt"] / "model.safetensors").read_bytes())
-    blob[len(blob) // 2] ^= 0xFF
-    (p["corrupt"] / "model.safetensors").write_bytes(bytes(blob))
-    shutil.copytree(p["ckpt"], p["mismatch"])
-    cfg = json.loads((p["mismatch"] / "config.json").read_text())
-    cfg["model"]["kwargs"]["abits"] = 2  # same tensor shapes, different model
-    (p["mismatch"] / "config.json").write_text(json.dumps(cfg, indent=2))
-    return p
-
-
-def cases(p: dict[str, Path]) -> list[tuple[str, list[str]]]:
-    def train(*extra: str, data: Path | str = p["good"], out: Path | str = p["ws"] / "new_ckpt") -> list[str]:
-        base = {"--model": "mnistconv", "--wbits": "2", "--abits": "4", "--data": str(data), "--epochs": "1",
-                "--out": str(out)}
-        extra_d = dict(zip(extra[::2], extra[1::2], strict=True))
-        return ["train", *[t for k, v in {**base, **extra_d}.items() for t in (k, v)], "--quiet"]
-
-    return [
-        ("weight bits 0", train("--wbits", "0")),
-        ("activation bits 33", train("--abits", "33")),
-        ("unknown model name", train("--model", "resnet50")),
-        ("missing data file", train(data=p["ws"] / "missing.npz")),
-        ("missing data folder", train(data=p["ws"] / "no_such_folder")),
-        ("negative epochs", train("--epochs", "-1")),
-        ("unwritable output directory (/sys)", train(out="/sys/qrobust-ckpt")),
-        ("output parent is a file", train(out=p["file"] / "ckpt")),
-        ("NaN pixels in the data", train(data=p["nan"])),
-        ("wrong image shape (CIFAR model, MNIST data)",
-         train("--model", "cifarconv", "--wbits", "32", "--abits", "32")),
-        ("npz without x_train/y_train/x_test/y_test", train(data=p["nokeys"])),
-        ("labels beyond the model's 10 classes", train(data=p["labels"])),
-        ("named dataset offline, not on disk", train("--data-root", str(p["empty_root"]), data="mnist")),
-        ("negative learning rate", train("--lr", "-0.1")),
-        ("existing checkpoint without --force", train(out=p["ckpt"])),
-        ("eval: corrupt safetensors", ["eval", str(p["corrupt"])]),
-        ("eval: config does not match the weights", ["eval", str(p["mismatch"])]),
-        ("eval: checkpoint does not exist", ["eval", str(p["ws"] / "nothing")]),
-        ("eval: image shape does not match the model", ["eval", str(p["ckpt"]), "--data", str(p["rgb"])]),
-    ]
+    err, cwd = io.StringIO(), os.getcwd()
+    os.chdir(ws)
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                code = cli_main(argv)
+            except SystemExit as exc:  # argparse
+                code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        os.chdir(cwd)
+    return code, err.getvalue()
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(REPO / "docs" / "bad_inputs.md"))
+    ap.add_argument("--in-process", action="store_true",
+                    help="call qrobust.cli.main in this process instead of one subprocess per case")
     args = ap.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    rows, failures = [], []
-    t0 = time.time()
+    table = load_table()
+    rows, failures, t0 = [], 0, time.time()
     with tempfile.TemporaryDirectory(prefix="qrobust-bad-") as tmp:
         ws = Path(tmp)
-        p = build_workspace(ws, env)
-        p["ws"] = ws
-        protected = {k: tree_digest(p[k]) for k in ("ckpt", "corrupt", "mismatch")}
-        for i, (what, argv) in enumerate(cases(p), 1):
-            proc = run(argv, env)
-            err = proc.stderr.strip()
+        p = table.build_workspace(ws)
+        (ws / "mnistdir").mkdir()
+        (ws / "mnistdir" / "mnist.npz").write_bytes(p["labels"].read_bytes())
+        for case in table.cases(p):
+            before = table.tree_digest(ws)
+            code, stderr = run_case(case.argv, ws, env, args.in_process)
+            err = stderr.strip()
             problems = []
-            if proc.returncode == 0:
-                problems.append("exit code 0")
-            if "Traceback" in proc.stderr:
-                problems.append("traceback")
-            if len(err.splitlines()) != 1 or not err.startswith("error: "):
+            if code != case.code:
+                problems.append(f"exit {code}, expected {case.code}")
+            if "Traceback" in stderr or len(err.splitlines()) != 1 or not err.startswith("error: "):
                 problems.append(f"{len(err.splitlines())} stderr lines")
-            changed = [k for k, digest in protected.items() if tree_digest(p[k]) != digest]
-            if changed:
-                problems.append(f"checkpoint changed: {', '.join(changed)}")
-            if (ws / "new_ckpt").exists():
-                problems.append("a checkpoint was written")
-            shown = " ".join(["qrobust", *argv]).replace(str(ws), "$TMP")
-            print(f"[{i:2d}] {what}: exit {proc.returncode} {problems or 'OK'}\n     {err}",
-                  flush=True)
-            rows.append((i, what, shown, proc.returncode, err.replace(str(ws), "$TMP"), problems))
-            failures += problems
-        untouched = all(tree_digest(p[k]) == d for k, d in protected.items())
+            if not re.search(case.pattern, err):
+                problems.append("unexpected message")
+            if table.tree_digest(ws) != before:
+                problems.append("files changed")
+            shown = " ".join(["qrobust", *case.argv]).replace(str(ws), "$TMP")
+            print(f"{case.klass}: {case.what}: exit {code} {problems or 'OK'}\n    {err}", flush=True)
+            rows.append((case, shown, code, err.replace(str(ws), "$TMP"), problems))
+            failures += bool(problems)
     lines = [
-        "# Bad inputs: how `qrobust` refuses them",
+        f"Generated by `python scripts/bad_inputs.py`: {len(rows)} cases from the table in "
+        "`tests/test_bad_inputs.py` (which runs the same table in-process), each "
+        + ("called in-process through `qrobust.cli.main` (`--in-process`)" if args.in_process else
+           "a real subprocess `python -m qrobust ...`")
+        + f" in a scratch folder `$TMP` ({time.time() - t0:.0f} s). `$TMP` holds tiny "
+        ".npz files (64 training, 32 test digits) and broken variants, two checkpoints trained for the "
+        "occasion and broken copies of them, a user's folder (`thesis/`), another program's SQLite database "
+        "and an experiment file.",
         "",
-        "Generated by `python scripts/bad_inputs.py` (each case is a real subprocess "
-        f"`{Path(sys.executable).name} -m qrobust ...`; `$TMP` is a scratch folder holding a tiny digits "
-        f".npz, broken variants of it, and a checkpoint trained for the occasion). {len(rows)} cases, "
-        f"{time.time() - t0:.0f} s.",
+        "A case passes when the command exits with the listed code (2: refused input or resource; 1: an OS "
+        "error no check foresaw), prints exactly one line starting with `error:` (no traceback), and leaves "
+        "every file of "
+        "`$TMP` byte-identical (SHA-256 before and after each case).",
         "",
-        "A case passes when the command exits non-zero, prints exactly one `error: ...` line on stderr (no "
-        "traceback), writes no new checkpoint, and leaves every existing checkpoint byte-identical (SHA-256 "
-        "over the checkpoint folders before and after each case).",
+        "## Classes of bad input and what each gets",
         "",
-        "| # | bad input | command | exit | message (stderr) | pass |",
+        "| class | what qrobust does |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in CLASSES.items()],
+        *[f"| {k} | {v} (`tests/test_bad_inputs.py::{t}`) |" for k, v, t in IN_PROCESS],
+        "",
+        "## Every case",
+        "",
+        "| class | bad input | command | exit | message (stderr) | pass |",
         "|---|---|---|---|---|---|",
     ]
-    for i, what, shown, code, err, problems in rows:
+    for case, shown, code, err, problems in rows:
         msg = err.replace("|", "\\|")
-        lines.append(f"| {i} | {what} | `{shown}` | {code} | {msg} | "
-                     f"{'✅' if not problems else '❌ ' + '; '.join(problems)} |")
-    lines += ["", f"Existing checkpoints unchanged after all cases: {'yes' if untouched else 'NO'}.",
-              f"Result: {'all cases pass' if not failures else f'{len(failures)} problem(s)'}.", ""]
-    atomic_write_text(args.out, "\n".join(lines))
-    print(f"wrote {args.out}: {len(rows)} cases, {failures or 'all pass'}")
+        lines.append(f"| {case.klass} | {case.what} | `{shown}` | {code} | {msg} | "
+                     f"{'yes' if not problems else 'NO: ' + '; '.join(problems)} |")
+    lines += ["", f"Result: {'all cases pass' if not failures else f'{failures} case(s) failed'}."]
+    update_marked_section(args.out, "bad-inputs", "\n".join(lines),
+                          title="Bad inputs: how `qrobust` refuses them")
+    print(f"wrote {args.out}: {len(rows)} cases, {failures} failed")
     return 0 if not failures else 1
 
 

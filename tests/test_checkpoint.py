@@ -65,7 +65,7 @@ def test_save_refusals(tmp_path):
     with pytest.raises(QrobustError, match="create_model"):
         save_checkpoint(tmp_path / "x", torch.nn.Linear(2, 2))
     (tmp_path / "afile").write_text("")
-    with pytest.raises(QrobustError, match="cannot write checkpoint"):
+    with pytest.raises(QrobustError, match="afile exists but is a file"):
         save_checkpoint(tmp_path / "afile" / "ck", _model())
 
 
@@ -87,10 +87,12 @@ def test_corrupt_weights_refused(saved):
     (saved / WEIGHTS).write_bytes(bytes(blob))
     with pytest.raises(QrobustError, match="does not match the SHA-256.*corrupt"):
         load_checkpoint(saved)
-    _edit_config(saved, lambda c: c.pop("weights_sha256"))  # without a digest the header is still checked
-    (saved / WEIGHTS).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
-    with pytest.raises(QrobustError, match="not a valid safetensors"):
+    _edit_config(saved, lambda c: c.pop("weights_sha256"))  # without a digest: refused unless trusted
+    with pytest.raises(QrobustError, match="no weights_sha256.*--trust-unverified"):
         load_checkpoint(saved)
+    (saved / WEIGHTS).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(QrobustError, match="not a valid safetensors"):  # trusted, the header is still checked
+        load_checkpoint(saved, trust_unverified=True)
 
 
 def test_missing_and_garbled_files(saved, tmp_path):
@@ -131,10 +133,10 @@ def test_shape_mismatch_refused_for_files_without_description(tmp_path):
     (tmp_path / "ck" / WEIGHTS).write_bytes(blob)
     _edit_config(tmp_path / "ck", lambda c: c.pop("weights_sha256"))
     with pytest.raises(QrobustError, match=r"do not match the model described in config.json \(mnistconv"):
-        load_checkpoint(tmp_path / "ck")
+        load_checkpoint(tmp_path / "ck", trust_unverified=True)
     blob = st_save({k: v.contiguous() for k, v in model.state_dict().items()})
     (tmp_path / "ck" / WEIGHTS).write_bytes(blob)
-    loaded, _ = load_checkpoint(tmp_path / "ck")  # and still load when they do fit
+    loaded, _ = load_checkpoint(tmp_path / "ck", trust_unverified=True)  # and still load when they fit
     assert torch.equal(loaded.classifier.weight, model.classifier.weight)
 
 
@@ -191,3 +193,43 @@ def test_check_model_data_refuses_mismatches(digits):
     wide = Split(digits.train.x[:8], torch.arange(8) * 2, "train")
     with pytest.raises(QrobustError, match=r"labels up to 14 but mnistconv predicts 10 classes"):
         check_model_data(_model(), Dataset(wide, digits.test, "digits"))
+
+
+def test_force_target_must_be_a_checkpoint_qrobust_wrote(tmp_path):
+    from qrobust.checkpoint import check_checkpoint_target, is_checkpoint_dir
+
+    ck = save_checkpoint(tmp_path / "ck", _model())
+    assert is_checkpoint_dir(ck) and check_checkpoint_target(ck, overwrite=True) == ck.resolve()
+    (tmp_path / "empty").mkdir()
+    assert check_checkpoint_target(tmp_path / "empty") == (tmp_path / "empty").resolve()  # nothing to lose
+    save_checkpoint(tmp_path / "empty", _model())
+    assert is_checkpoint_dir(tmp_path / "empty")
+    (ck / "notes.txt").write_text("mine")  # a user's file inside: no longer only what qrobust wrote
+    assert not is_checkpoint_dir(ck)
+    with pytest.raises(QrobustError, match="not a qrobust checkpoint"):
+        save_checkpoint(ck, _model(), overwrite=True)
+    assert (ck / "notes.txt").read_text() == "mine"
+    with pytest.raises(QrobustError, match="not a qrobust checkpoint"):
+        check_checkpoint_target(tmp_path, overwrite=True)
+
+
+def test_non_finite_results_become_null_in_config(tmp_path):
+    ck = save_checkpoint(tmp_path / "ck", _model(), {"test_accuracy": float("nan"), "h": [float("inf"), 1.0]})
+    cfg = json.loads((ck / CONFIG).read_text(), parse_constant=lambda c: pytest.fail(f"{c} in config.json"))
+    assert cfg["test_accuracy"] is None and cfg["h"] == [None, 1.0]
+
+
+def test_training_refused_up_front_when_the_disk_is_too_full(tmp_path, digits, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from qrobust.checkpoint import train_to_checkpoint
+    from qrobust.train import TrainConfig
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    epochs = []
+    with pytest.raises(QrobustError, match="needs about .* MB but .* free; free disk space"):
+        train_to_checkpoint(tmp_path / "ck", _model(), digits, TrainConfig(epochs=1, max_train=32),
+                            on_epoch=epochs.append)
+    assert epochs == [] and list(tmp_path.iterdir()) == []

@@ -118,13 +118,13 @@ def test_kept_example_is_smallest_successful_seen(trained_mnistconv, digits_test
     x = digits_test[0][:12]
     pred = predict(trained_mnistconv, x)
     rec = Recorder(trained_mnistconv)
-    trace = CWL2(c=0.05, steps=20, lr=0.05, binary_steps=3, abort_early=False,
+    trace = CWL2(c=0.05, steps=15, lr=0.03, binary_steps=3, abort_early=False,
                  warm_start=warm_start).search(rec, x, pred)
     best = torch.full((len(x),), float("inf"))
     for seen, out in rec.seen:
         ok = out.argmax(1) != pred
         best = torch.where(ok, torch.minimum(best, (seen - x).flatten(1).norm(dim=1)), best)
-    assert torch.isfinite(best).any() and not torch.isfinite(best).all()  # a case with both outcomes
+    assert torch.isfinite(best).any()
     assert torch.allclose(trace.l2, best, rtol=1e-5)
     found = torch.isfinite(best)
     assert torch.allclose((trace.adv - x).flatten(1).norm(dim=1)[found], best[found], rtol=1e-5)
@@ -135,14 +135,42 @@ def test_kept_example_is_smallest_successful_seen(trained_mnistconv, digits_test
             reference_constants(0.05, trace.succeeded[:, i].tolist()))
 
 
-def test_seeds_protocol_and_settings():
-    """One binary step: warm start is irrelevant; ``start_margin`` sets where saturated pixels start."""
-    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
-    torch.manual_seed(0)
-    x = torch.tensor([[0.0, 1.0, 0.5, 0.2]])
-    a = CWL2(c=10.0, steps=5, lr=0.1, warm_start=True, start_margin=1e-6)(model, x)
-    b = CWL2(c=10.0, steps=5, lr=0.1, warm_start=False, start_margin=1e-6)(model, x)
-    assert torch.equal(a, b)
+def seeds_cw_reference(model: nn.Module, x: Tensor, y: Tensor, c: float, steps: int, lr: float) -> Tensor:
+    """The seeds' CW-L2 (one binary step, no abort), written out plainly: start at atanh(+-0.999999) for
+    pixels at a bound, Adam (betas 0.9/0.999, eps 1e-8), keep the smallest successful iterate."""
+    w0 = torch.atanh((2 * x - 1).clamp(-1 + 1e-6, 1 - 1e-6))
+    mod, m1, m2 = torch.zeros_like(x, requires_grad=True), torch.zeros_like(x), torch.zeros_like(x)
+    best, best_l2 = x.clone(), torch.full((len(x),), float("inf"))
+    for t in range(1, steps + 2):
+        adv = (torch.tanh(w0 + mod) + 1) / 2
+        out = model(adv)
+        l2 = (adv - x).flatten(1).square().sum(1)
+        ok = out.argmax(1) != y
+        better = ok & (l2 < best_l2)
+        best[better], best_l2[better] = adv[better].detach(), l2[better].detach()
+        if t == steps + 1:
+            break
+        other = out.scatter(1, y[:, None], float("-inf")).amax(1)
+        f = (out.gather(1, y[:, None]).squeeze(1) - other).clamp(min=0)
+        (g,) = torch.autograd.grad((l2 + c * f).sum(), mod)
+        with torch.no_grad():
+            m1.mul_(0.9).add_(0.1 * g)
+            m2.mul_(0.999).add_(0.001 * g * g)
+            mod -= lr / (1 - 0.9**t) * m1 / ((m2 / (1 - 0.999**t)).sqrt() + 1e-8)
+    return best
+
+
+def test_seeds_protocol_is_reachable_exactly(trained_mnistconv, digits_test):
+    """``start_margin=1e-6`` with one binary step is the seeds' attack (reference loop above); a warm start
+    changes nothing there; the default start differs (it is not the seeds')."""
+    x = digits_test[0][:8]
+    pred = predict(trained_mnistconv, x)
+    ref = seeds_cw_reference(trained_mnistconv, x, pred, c=10.0, steps=15, lr=0.1)
+    kw = {"c": 10.0, "steps": 15, "lr": 0.1, "binary_steps": 1, "abort_early": False, "start_margin": 1e-6}
+    ours = CWL2(**kw)(trained_mnistconv, x, pred)
+    assert torch.allclose(ours, ref, atol=1e-5)
+    assert torch.equal(ours, CWL2(**{**kw, "warm_start": False})(trained_mnistconv, x, pred))
+    assert not torch.equal(ours, CWL2(**{**kw, "start_margin": 1e-2})(trained_mnistconv, x, pred))
     with pytest.raises(QrobustError, match="start_margin"):
         CWL2(start_margin=1.0)
     assert CWL2().config()["warm_start"] is True
@@ -151,16 +179,17 @@ def test_seeds_protocol_and_settings():
 @pytest.mark.peer
 @pytest.mark.slow
 def test_cw_at_least_as_strong_as_cleverhans4(trained_mnistconv, digits_test):
-    """The benchmark's budget (5 binary steps x 100 iterations, Adam lr 0.01, initial c 0.01) on 24
-    digits: success at least CleverHans 4's, mean L2 of successes at most 10% above its."""
+    """The benchmark's budget (5 binary steps x 100 iterations, Adam lr 0.01, initial c 0.01) on 10
+    digits, without abort early (CleverHans 4 has none): success at least CleverHans 4's, mean L2 of
+    successes at most 5% above its."""
     ch = pytest.importorskip("cleverhans.torch.attacks.carlini_wagner_l2")
-    x = digits_test[0][:24]
+    x = digits_test[0][:10]
     pred = predict(trained_mnistconv, x)
     ref = ch.carlini_wagner_l2(trained_mnistconv, x, 10, y=pred, lr=0.01, initial_const=0.01,
                                binary_search_steps=5, max_iterations=100).detach()
-    ours = CWL2(c=0.01, steps=100, lr=0.01, binary_steps=5)(trained_mnistconv, x, pred)
+    ours = CWL2(c=0.01, steps=100, lr=0.01, binary_steps=5, abort_early=False)(trained_mnistconv, x, pred)
     ok_ref, ok_ours = predict(trained_mnistconv, ref) != pred, predict(trained_mnistconv, ours) != pred
     assert ok_ours.sum() >= ok_ref.sum()
     l2_ref = (ref - x).flatten(1).norm(dim=1)[ok_ref].mean()
     l2_ours = (ours - x).flatten(1).norm(dim=1)[ok_ours].mean()
-    assert l2_ours <= 1.10 * l2_ref
+    assert l2_ours <= 1.05 * l2_ref

@@ -216,3 +216,15 @@ def test_check_images():
     x[0, 0, 0, 0] = float("nan")
     with pytest.raises(QrobustError, match="NaN"):
         check_images(x)
+
+
+def test_data_digest_tells_data_apart():
+    from qrobust.data import data_digest
+
+    x = torch.randint(0, 256, (4, 1, 2, 2), dtype=torch.uint8)
+    y = torch.arange(4)
+    split = Split(x, y, "s")
+    assert split.digest() == data_digest(x.clone(), y.clone())  # same content, same identity
+    assert split.digest() != data_digest(x.flip(0), y)  # other order
+    assert split.digest() != data_digest(x, y.flip(0))  # other labels
+    assert split.digest() != data_digest(x.reshape(4, 1, 1, 4), y)  # same bytes, other shape

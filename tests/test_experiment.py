@@ -104,14 +104,19 @@ def test_shipped_configs_validate(name):
     assert cfg.models and cfg.attacks
     labels = [a.label for a in cfg.attacks]
     assert len(set(labels)) == len(labels)
-    if name.startswith("empir"):
+    if name.startswith("empir"):  # EMPIR's protocol (scripts/reproduce_empir.py renders these labels)
         assert [e.targets for e in cfg.ensembles] == [["legacy", "adaptive", "adaptive_logits"]]
-        assert {"FGSM", "BIM", "PGD", "CW"} <= set(labels)
+        assert {"FGSM", "BIM", "PGD", "CW-L2"} <= set(labels)
+        assert cfg.batch_size == 100 and all(a.labels == "pred" for a in cfg.attacks)
+        baseline = cfg.ensembles[0].members[-1]  # model 3, the full-precision member, is the baseline
+        assert all(set(a.models or ()) <= {baseline, "empir"} for a in cfg.attacks)
     if name == "quickstart":
         assert cfg.datasets["data"].source == "digits"
         assert cfg.detection is not None and cfg.detection.models == ["mcd"]
-    if name == "qnn_detection_mnist":
-        assert cfg.detection is not None and len(cfg.detection.models) == 5
+    if name == "qnn_detection_mnist":  # seed A's rows and their adaptive versions
+        assert cfg.detection is not None and len(cfg.detection.models) == 6
+        assert {cfg.attack(label).name for label in cfg.detection.attacks} == {
+            "fgsm", "pgd", "jsma", "eot_pgd", "detector_aware_pgd"}
 
 
 def test_data_override_and_set(tmp_path):
@@ -263,7 +268,7 @@ def test_rerun_skips_finished_work_and_new_eps_only_adds_units(tmp_path):
 
 def test_bumping_an_attack_version_recomputes_only_its_cells(tmp_path, monkeypatch):
     from qrobust.attacks import FGSM, PGD
-    from qrobust.experiment import runner
+    from qrobust.experiment import plan
 
     cfg_path = _write_tiny(
         tmp_path / "tiny.toml", samples=40, fgsm_eps="[0.1, 0.2]", pgd_eps="[0.1]", steps=2
@@ -287,10 +292,11 @@ def test_bumping_an_attack_version_recomputes_only_its_cells(tmp_path, monkeypat
     monkeypatch.setattr(FGSM, "version", "1")  # back at "1": the cells stored before are found again
     assert run().computed == 0
     # the detection pipeline's version enters detection keys only
-    assert runner.code_versions(PGD()) == runner.code_versions(PGD(), detection=True) == {}
-    monkeypatch.setattr(runner, "DETECTION_VERSION", "2")
-    assert runner.code_versions(PGD(), detection=True) == {"code": {"detection": "2"}}
-    assert runner.code_versions(PGD()) == {}
+    monkeypatch.setattr(plan, "DETECTION_VERSION", "1")
+    assert plan.code_versions(PGD()) == plan.code_versions(PGD(), detection=True) == {}
+    monkeypatch.setattr(plan, "DETECTION_VERSION", "3")
+    assert plan.code_versions(PGD(), detection=True) == {"code": {"detection": "3"}}
+    assert plan.code_versions(PGD()) == {}
 
 
 def test_train_table_keys_are_train_config_fields(tmp_path):
@@ -406,5 +412,56 @@ def test_ensemble_targets_differentiate_what_they_name(tmp_path):
     assert attacks["adaptive_logits"]["attack_config"]["target_output"] == "mean_logits"
     assert attacks["adaptive_logits"]["row"] == "e [adaptive_logits]"
     assert len({r["key"] for r in attacks.values()}) == 3
-    for r in attacks.values():  # every version is scored on the vote, never above clean accuracy
-        assert r["accuracy"] <= r["attack_result"]["clean_accuracy"]
+    for r in attacks.values():
+        # Not "adversarial <= clean accuracy": the labels are the vote's own predictions, so an attack moving
+        # an image away from a WRONG vote can land on the true class. What must hold: the attacked vote is
+        # right only where the attack failed (vote unchanged, and right) or where the clean vote was wrong,
+        # and the record's accuracy is the one of its per-image outcome.
+        res, n = r["attack_result"], r["n"]
+        assert res["labels"] == "pred" and res["n_attacked"] == n  # labels = vote: every image is attacked
+        failed = round((1 - res["success_rate"]) * n)
+        clean_wrong = n - round(res["clean_accuracy"] * n)
+        assert r["correct"] <= failed + clean_wrong
+        assert len(r["correct_mask"]) == n and r["correct_mask"].count("1") == r["correct"]
+        assert r["accuracy"] == pytest.approx(r["correct"] / n)
+
+
+DETECT_CFG = PREAMBLE.format(name="det", samples=40) + """
+[[models]]
+name = "mcd"
+arch = "qnn_fp"
+options = { dropout = 0.5, mc_dropout = true }
+
+[[attacks]]
+name = "fgsm"
+eps = 0.3
+
+[detection]
+models = ["mcd"]
+attacks = ["FGSM"]
+mc_samples = 4
+"""
+
+
+def test_detection_cell_is_what_qrobust_detect_computes(tmp_path):
+    """A config's detection cell runs seed A's protocol exactly as `qrobust detect` (run_detection with the
+    attack labelling its own batches and the default generators): the same numbers, recomputed here."""
+    from qrobust.attacks import create_attack
+    from qrobust.detect import run_detection
+    from qrobust.experiment import Runner
+
+    (tmp_path / "det.toml").write_text(DETECT_CFG)
+    runner = Runner(load_config(tmp_path / "det.toml", output=str(tmp_path / "out")), progress=False,
+                    report=False)
+    rec = next(r for r in runner.run().records if r["kind"] == "detection")
+    model = runner.models.models["mcd"]
+    x, y, _ = runner.test_tensors("data", 40)
+    torch.manual_seed(12345)  # the cell seeds the RNG itself: what ran before must not matter
+    ref = run_detection(model, create_attack("fgsm", eps=0.3, seed=0), x, y, samples=4, attack_batch=200,
+                        seed=0).report.as_dict()
+    det = rec["detection"]
+    assert det["auc"] == pytest.approx(ref["heldout_all"]["seed_variance"]["auc"])
+    assert det["uncertainty_adv"] == pytest.approx(ref["mean_stats_adv"]["seed_variance"])
+    assert det["lr_score"] == pytest.approx(ref["seed_lr_score"])
+    assert rec["accuracy"] == pytest.approx(ref["adv_accuracy"]["single_pass"])
+    assert rec["correct"] == round(rec["accuracy"] * 40) and "attack_result" not in rec

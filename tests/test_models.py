@@ -68,7 +68,7 @@ def test_alexnet_count_and_shape(monkeypatch):
     import qrobust.models.empir as empir
 
     # shapes only: initialising 61M parameters (or running the meta-device refs of the init) takes seconds
-    monkeypatch.setattr(empir, "unit_norm_truncnormal_", lambda module, std: None)
+    monkeypatch.setattr(empir, "seed_init_", lambda module, std: None)
     with torch.device("meta"):
         model = create_model("alexnet", wbits=2, abits=2).eval()
         assert n_params(model) == ALEXNET

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 
+import torch
+
 from qrobust import recipes
 from qrobust.checkpoint import CONFIG, load_checkpoint
 
@@ -45,3 +47,25 @@ def test_changed_recipe_retrains_and_keeps_the_old_checkpoint(tmp_path, monkeypa
         {"epochs": 1, "batch_size": 64, "max_train": 64, "lr_schedule": "cosine"}))
     recipes.ensure_trained("tiny", zoo_dir=tmp_path)
     assert load_checkpoint(out)[1]["model"]["kwargs"]["wbits"] == 4
+
+
+def test_init_from_starts_from_the_parent_recipes_weights(tmp_path, monkeypatch):
+    """Quantization-aware fine-tuning: the parent is trained first and its weights are the child's start."""
+    monkeypatch.setitem(recipes.RECIPES, "parent", recipes.Recipe(
+        "parent", "mnistconv", {}, "digits", {"epochs": 1, "batch_size": 64, "max_train": 64}))
+    monkeypatch.setitem(recipes.RECIPES, "child", recipes.Recipe(
+        "child", "mnistconv", {"wbits": 2, "abits": 4}, "digits",
+        {"epochs": 1, "batch_size": 64, "max_train": 64}, init_from="parent"))
+    starts = {}
+    original = recipes.train_to_checkpoint
+
+    def spy(out, model, *args, **kw):
+        starts[out.name] = {k: v.clone() for k, v in model.state_dict().items()}
+        return original(out, model, *args, **kw)
+
+    monkeypatch.setattr(recipes, "train_to_checkpoint", spy)
+    out = recipes.ensure_trained("child", zoo_dir=tmp_path)
+    parent, _ = load_checkpoint(tmp_path / "parent")
+    assert set(starts) == {"parent", "child"}  # the missing parent was trained first
+    assert all(torch.equal(starts["child"][k], v) for k, v in parent.state_dict().items())
+    assert json.loads((out / CONFIG).read_text())["init_from"] == "parent"

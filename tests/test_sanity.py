@@ -35,7 +35,7 @@ GOOD = [
 def test_consistent_table_passes_every_check():
     report = check_results(GOOD)
     assert report.ok, report.violations
-    assert report.checked == {"eps0": 2, "monotone": 5, "iterative": 2, "unbounded": 1}
+    assert report.checked == {"eps0": 2, "monotone": 5, "iterative": 2, "unbounded": 1, "worst_case": 0}
 
 
 @pytest.mark.parametrize(
@@ -53,6 +53,27 @@ def test_each_check_fires_on_its_violation(change, check):
     assert check in {v.check for v in report.violations}
     assert report.flagged_rows() == {"m"}
     assert "m" in report.markdown()
+
+
+def test_gradient_attacks_far_above_the_worst_case_are_flagged():
+    worst = [_row("WORST", 0.1, 0.25, name="worst_case"), _row("WORST", 0.3, 0.005, name="worst_case")]
+    report = check_results([*GOOD, *worst])  # PGD: 30% at 0.1 (5 points above), 1% at 0.3 (0.5 above)
+    assert report.ok and report.checked["worst_case"] == 2
+    masked = [{**r, "accuracy": 0.20} if r["eps"] == 0.1 else r for r in worst]  # PGD 30% = 10 points above
+    report = check_results([*GOOD, *masked])
+    (v,) = report.violations
+    assert (v.check, v.row, v.attack, v.eps) == ("worst_case", "m", "PGD", 0.1)
+    assert "gradient masking suspected" in v.message and "10.0 points" in v.message
+    per_attack = [{"attack": "apgd_ce", "broken": 3}, {"attack": "apgd_t", "broken": 0},
+                  {"attack": "square", "broken": 40}]
+    kept = [{**r, "attack_config": {"report": {"per_attack": per_attack}}} for r in masked]
+    (v,) = check_results([*GOOD, *kept]).violations
+    assert v.message.endswith("(images broken by: apgd_ce 3, square 40)")
+    # another row's worst case does not count; FGSM alone is compared when it is the only gradient attack
+    other = [{**r, "row": "other"} for r in masked]
+    assert check_results([*GOOD, *other]).checked["worst_case"] == 0
+    fgsm_only = [r for r in GOOD if r["attack"] != "PGD"]
+    assert not check_results([*fgsm_only, *masked]).ok  # FGSM 60% vs 20% at 0.1
 
 
 def test_differences_within_sampling_noise_are_tolerated():

@@ -234,3 +234,18 @@ def test_madry_weight_trains_on_adversarial_loss_only(digits):
 def test_new_config_fields_are_validated(field, value):
     with pytest.raises(QrobustError, match=field.split("_")[0]):
         TrainConfig(**{field: value}).validate()
+
+
+def test_channels_last_resume_is_exact(digits, tmp_path):
+    """NHWC training resumes bit for bit (the fused Adam state must follow the weights' layout)."""
+    def run(epochs, state_dir):
+        torch.manual_seed(0)
+        model = create_model("mnistconv", wbits=2, abits=4)
+        cfg = TrainConfig(epochs=epochs, batch_size=64, seed=0, max_train=256, channels_last=True)
+        return model, train(model, digits.train, None, cfg, state_dir=state_dir)
+
+    full, _ = run(2, tmp_path / "a")
+    part, _ = run(1, tmp_path / "b")
+    assert not _same(full, part)
+    resumed, _ = run(2, tmp_path / "b")
+    assert _same(full, resumed)

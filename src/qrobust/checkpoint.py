@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -28,7 +29,7 @@ from torch import nn
 import qrobust
 from qrobust.errors import QrobustError
 from qrobust.models import create_model
-from qrobust.utils import show_progress
+from qrobust.utils import check_free_space, show_progress
 
 if TYPE_CHECKING:
     from qrobust.data import Dataset, Split
@@ -39,24 +40,74 @@ CONFIG = "config.json"
 FORMAT = "qrobust-checkpoint/1"
 
 
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+_MAX_HEADER = 100 * 2**20  # a safetensors header is a few KB; anything this large is not one of ours
+
+
 def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def _finite_json(obj: Any) -> Any:
+    """NaN/inf -> null, so config.json stays valid JSON (``--epochs 0`` has no test accuracy)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite_json(v) for v in obj]
+    return obj
+
+
+def is_checkpoint_dir(directory: str | os.PathLike) -> bool:
+    """True for a folder qrobust wrote: only ``model.safetensors`` and a qrobust ``config.json``.
+
+    ``--force`` replaces only such a folder; anything else (a thesis, a source tree, ``.``) is the
+    user's and is never deleted.
+    """
+    directory = Path(directory)
+    try:
+        names = {e.name for e in os.scandir(directory)}
+        config = json.loads((directory / CONFIG).read_text())
+    except (OSError, ValueError):
+        return False
+    return names <= {WEIGHTS, CONFIG} and isinstance(config, dict) and config.get("format") == FORMAT
+
+
+def check_checkpoint_target(directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Refuse, before any work, an output that exists (without ``overwrite``), that is not a checkpoint
+    qrobust wrote (even with ``overwrite``), or whose parent is not writable; returns the resolved path."""
+    from qrobust.utils import check_writable_dir
+
+    directory = Path(directory).expanduser().resolve()  # `.` and symlinks: the real folder
+    if directory.is_dir() and not any(directory.iterdir()):
+        pass  # an empty folder: nothing to lose, nothing to ask
+    elif directory.exists():
+        if not directory.is_dir():
+            raise QrobustError(f"output {directory} exists and is not a checkpoint folder; choose a new "
+                               "--out (qrobust never replaces files it did not write)")
+        if not is_checkpoint_dir(directory):
+            raise QrobustError(f"output {directory} is an existing folder that is not a qrobust checkpoint; "
+                               "--force only replaces checkpoints qrobust wrote. Choose a new --out (e.g. "
+                               f"{directory / 'ckpt'})")
+        if not overwrite:
+            raise QrobustError(f"checkpoint {directory} already exists; pass --force (overwrite=True) to "
+                               "replace it or choose another --out")
+    check_writable_dir(directory.parent)
+    return directory
 
 
 def save_checkpoint(directory: str | os.PathLike, model: nn.Module, info: dict[str, Any] | None = None,
                     *, overwrite: bool = False) -> Path:
     """Write ``directory/model.safetensors`` and ``directory/config.json`` atomically."""
-    directory = Path(directory)
     cfg = getattr(model, "qrobust_config", None)
     if cfg is None:
         raise QrobustError("model was not built with qrobust.models.create_model, so it cannot be rebuilt "
                            "on load")
-    if directory.exists() and not overwrite:
-        raise QrobustError(f"checkpoint {directory} already exists; pass --force (overwrite=True) to replace "
-                           "it")
+    directory = check_checkpoint_target(directory, overwrite=overwrite)
     parent = directory.parent
     try:
-        parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{directory.name}.", suffix=".tmp"))
         tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is an ordinary shareable directory
     except OSError as exc:
@@ -67,7 +118,6 @@ def save_checkpoint(directory: str | os.PathLike, model: nn.Module, info: dict[s
         # describe a different model (same tensor shapes, other bits) is detected on load.
         meta = {"format": FORMAT, "model": json.dumps(cfg, sort_keys=True)}
         blob = st_save(_state_tensors(model), metadata=meta)
-        (tmp / WEIGHTS).write_bytes(blob)
         config = {
             **(info or {}),  # first, so caller info can never shadow the fields below
             "format": FORMAT,
@@ -75,7 +125,9 @@ def save_checkpoint(directory: str | os.PathLike, model: nn.Module, info: dict[s
             "model": cfg,
             "weights_sha256": hashlib.sha256(blob).hexdigest(),
         }
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        text = json.dumps(_finite_json(config), indent=2, sort_keys=True, allow_nan=False) + "\n"
+        (tmp / WEIGHTS).write_bytes(blob)
+        (tmp / CONFIG).write_text(text)
         if directory.exists():
             old = parent / f".{directory.name}.old"
             shutil.rmtree(old, ignore_errors=True)
@@ -84,6 +136,10 @@ def save_checkpoint(directory: str | os.PathLike, model: nn.Module, info: dict[s
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, directory)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise QrobustError(f"cannot write checkpoint {directory}: {exc.strerror or exc}; nothing was "
+                           "replaced. Free disk space or choose another --out") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -98,6 +154,9 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     path = directory / CONFIG
     if not path.is_file():
         raise QrobustError(f"checkpoint {directory} has no {CONFIG}; it was not written by qrobust")
+    if path.stat().st_size > _MAX_HEADER:
+        raise QrobustError(f"{path} is {path.stat().st_size} bytes, far too large for a checkpoint "
+                           "description; the checkpoint is corrupt")
     try:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -112,36 +171,41 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
-def _safetensors_metadata(blob: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors blob (8-byte little-endian header size, then JSON)."""
+def read_safetensors_header(path: Path) -> dict[str, Any]:
+    """The header of a safetensors file, checked against the file size, without reading the tensors.
+
+    A 40 GB file that is not the model's weights is refused after reading a few KB, not 40 GB.
+    """
+    size = path.stat().st_size
     try:
-        size = int.from_bytes(blob[:8], "little")
-        header = json.loads(blob[8 : 8 + size])
-        meta = header.get("__metadata__") or {}
-        return meta if isinstance(meta, dict) else {}
-    except (ValueError, AttributeError):
-        return {}
+        with path.open("rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if size < 8 or not 2 <= n <= min(_MAX_HEADER, size - 8):
+                raise ValueError(f"header size {n} does not fit a {size}-byte file")
+            header = json.loads(fh.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        end = 0
+        for name, t in header.items():
+            if name == "__metadata__":
+                continue
+            begin, stop = t["data_offsets"]
+            count = math.prod(t["shape"]) * _DTYPE_BYTES[t["dtype"]]
+            if stop - begin != count or begin < 0:
+                raise ValueError(f"tensor {name}: {stop - begin} bytes for shape {t['shape']} {t['dtype']}")
+            end = max(end, stop)
+        if 8 + n + end != size:
+            raise ValueError(f"the header describes {8 + n + end} bytes but the file has {size}")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise QrobustError(f"{path} is not a valid safetensors file ({exc}); the checkpoint is corrupt. "
+                           "Retrain or restore it") from exc
+    return header
 
 
-def load_checkpoint(directory: str | os.PathLike, device: torch.device | str = "cpu",
-                    ) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model from ``config.json`` and load verified weights; returns ``(model, config)``."""
-    directory = Path(directory)
-    config = read_config(directory)
-    weights = directory / WEIGHTS
-    if not weights.is_file():
-        raise QrobustError(f"checkpoint {directory} has no {WEIGHTS}")
-    blob = weights.read_bytes()
-    digest = hashlib.sha256(blob).hexdigest()
-    if config.get("weights_sha256") not in (None, digest):
-        raise QrobustError(f"{weights} does not match the SHA-256 recorded in {CONFIG}; the file is corrupt "
-                           "or was replaced. Retrain or restore the checkpoint")
-    try:
-        tensors = st_load(blob)
-    except (SafetensorError, ValueError, RuntimeError) as exc:
-        raise QrobustError(f"{weights} is not a valid safetensors file ({exc})") from exc
-    spec = config["model"]
-    saved_spec = _safetensors_metadata(blob).get("model")
+def _check_header(directory: Path, header: dict[str, Any], model: nn.Module, spec: dict[str, Any]) -> None:
+    """The weights must be for this model: its description and its tensor names and shapes."""
+    meta = header.get("__metadata__") or {}
+    saved_spec = meta.get("model") if isinstance(meta, dict) else None
     if saved_spec is not None:
         try:
             saved = json.loads(saved_spec)
@@ -152,11 +216,11 @@ def load_checkpoint(directory: str | os.PathLike, device: torch.device | str = "
                 f"{CONFIG} in {directory} describes {spec.get('name')} {spec.get('kwargs', {})} but the "
                 f"weights were saved for {saved_spec}; restore the original {CONFIG} or retrain"
             )
-    model = create_model(spec["name"], **spec.get("kwargs", {}))
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(tensors) if expected[k].shape != tensors[k].shape)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
     if missing or extra or wrong:
         parts = []
         if missing:
@@ -164,13 +228,79 @@ def load_checkpoint(directory: str | os.PathLike, device: torch.device | str = "
         if extra:
             parts.append(f"unexpected {', '.join(extra[:5])}")
         if wrong:
-            parts.append("; ".join(f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}"
-                                   for k in wrong[:5]))
+            parts.append("; ".join(f"{k}: file {found[k]} vs model {expected[k]}" for k in wrong[:5]))
         raise QrobustError(f"weights in {directory} do not match the model described in {CONFIG} "
                            f"({spec['name']} {spec.get('kwargs', {})}): {'; '.join(parts)}")
+
+
+def load_checkpoint(directory: str | os.PathLike, device: torch.device | str = "cpu", *,
+                    trust_unverified: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model from ``config.json`` and load verified weights; returns ``(model, config)``.
+
+    Checks, in order: the description; the file size against the model's (a 40 GB file is refused
+    unread); the SHA-256 recorded at save time (required: qrobust always writes it, so only a
+    hand-edited checkpoint lacks it; ``trust_unverified=True`` / ``--trust-unverified`` loads one
+    anyway); the safetensors header against the file size and the model's tensor names and shapes;
+    finally that every weight is finite.
+    """
+    directory = Path(directory)
+    config = read_config(directory)
+    weights = directory / WEIGHTS
+    if not weights.is_file():
+        raise QrobustError(f"checkpoint {directory} has no {WEIGHTS}")
+    recorded = config.get("weights_sha256")
+    if recorded is None and not trust_unverified:
+        raise QrobustError(f"{directory / CONFIG} records no weights_sha256, so the weights cannot be "
+                           "verified (qrobust always records it; the checkpoint was edited by hand). "
+                           "Restore the original checkpoint, or pass --trust-unverified if you know where "
+                           "it came from")
+    spec = config["model"]
+    model = create_model(spec["name"], **spec.get("kwargs", {}))
+    size, need = weights.stat().st_size, _checkpoint_bytes(model)
+    if size > need + _MAX_HEADER:  # never read gigabytes that cannot be this model's weights
+        raise QrobustError(f"{weights} is {size / 2**20:.0f} MB but the weights of {spec['name']} take "
+                           f"{need / 2**20:.0f} MB; it is not this checkpoint's weights file. Retrain or "
+                           "restore the checkpoint")
+    blob = weights.read_bytes()
+    if recorded is not None and recorded != hashlib.sha256(blob).hexdigest():
+        raise QrobustError(f"{weights} does not match the SHA-256 recorded in {CONFIG}; the file is corrupt "
+                           "or was replaced. Retrain or restore the checkpoint")
+    _check_header(directory, read_safetensors_header(weights), model, spec)
+    try:
+        tensors = st_load(blob)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise QrobustError(f"{weights} is not a valid safetensors file ({exc})") from exc
+    bad = sorted(k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if bad:
+        raise QrobustError(f"{weights} holds NaN or infinite values in {', '.join(bad[:5])}; the model is "
+                           "broken (diverged training or a damaged file). Retrain or restore it")
     model.load_state_dict(tensors)
     model.to(device).eval()
     return model, config
+
+
+def model_classes(model: nn.Module, split: Split) -> int:
+    """How many classes ``model`` predicts (one forward pass on one image of ``split``)."""
+    was_training = model.training
+    model.eval()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    with torch.no_grad():
+        classes = model(split.head(1).tensors(device)[0]).shape[1]
+    model.train(was_training)
+    return int(classes)
+
+
+def check_labels(model: nn.Module, split: Split, classes: int | None = None) -> None:
+    """Refuse labels the model cannot predict: accuracy on them is 0% by construction, not a result."""
+    if len(split) == 0:
+        raise QrobustError(f"{split.name} holds no images; use a dataset with a test split")
+    spec = getattr(model, "qrobust_config", None) or {}
+    name = spec.get("name", type(model).__name__)
+    classes = model_classes(model, split) if classes is None else classes
+    if split.num_classes > classes:
+        raise QrobustError(f"{split.name} has labels up to {split.num_classes - 1} but {name} "
+                           f"predicts {classes} classes (0-{classes - 1}); use a dataset whose labels "
+                           "match the model's classes")
 
 
 def check_model_data(model: nn.Module, data: Dataset) -> None:
@@ -184,21 +314,20 @@ def check_model_data(model: nn.Module, data: Dataset) -> None:
     for split in (data.train, data.test):
         if len(split) == 0:
             raise QrobustError(f"{split.name} holds no images; use a dataset with training and test images")
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        classes = model(data.test.head(1).tensors()[0]).shape[1]
-    model.train(was_training)
+    classes = model_classes(model, data.test)
     for split in (data.train, data.test):
-        if split.num_classes > classes:
-            raise QrobustError(f"{split.name} has labels up to {split.num_classes - 1} but {name} "
-                               f"predicts {classes} classes (0-{classes - 1}); use a dataset with at most "
-                               f"{classes} classes")
+        check_labels(model, split, classes)
+
+
+def _checkpoint_bytes(model: nn.Module, *, with_state: bool = False) -> int:
+    """Disk a checkpoint needs; the train state adds Adam's two moments and a copy being replaced."""
+    n = sum(v.numel() * v.element_size() for v in model.state_dict().values())
+    return n * (5 if with_state else 1) + 2**20
 
 
 def train_state_dir(directory: str | os.PathLike) -> Path:
     """Where an unfinished training of ``directory`` keeps its per-epoch state (a hidden sibling)."""
-    directory = Path(directory)
+    directory = Path(directory).expanduser().resolve()  # `--out .` has no name until resolved
     return directory.parent / f".{directory.name}.train-state"
 
 
@@ -225,11 +354,9 @@ def train_to_checkpoint(
     """
     from qrobust.train import train
 
-    directory = Path(directory)
-    if directory.exists() and not overwrite:  # before hours of training, not after
-        raise QrobustError(f"checkpoint {directory} already exists; pass --force (overwrite=True) to replace "
-                           "it")
+    directory = check_checkpoint_target(directory, overwrite=overwrite)  # before hours of training
     check_model_data(model, data)
+    check_free_space(directory.parent, _checkpoint_bytes(model, with_state=True), f"checkpoint {directory}")
     test = data.test if test is None else test
     state = train_state_dir(directory)
     result = train(model, data.train, test, config, device=device, adversary=adversary, state_dir=state,

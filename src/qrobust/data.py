@@ -7,6 +7,7 @@ files, torchvision's MNIST / Fashion-MNIST / CIFAR-10, and ImageFolder trees (Im
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import zipfile
 from collections.abc import Iterator
@@ -50,6 +51,10 @@ class Split:
     def num_classes(self) -> int:
         return int(self.y.max().item()) + 1 if len(self) else 0
 
+    def digest(self) -> str:
+        """SHA-256 of the images and labels (see :func:`data_digest`)."""
+        return data_digest(self.x, self.y)
+
     def head(self, n: int | None) -> Split:
         """The first ``n`` examples (the seeds evaluate on the first N test images)."""
         if n is None:
@@ -85,6 +90,16 @@ class Dataset:
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return self.test.image_shape
+
+
+def data_digest(x: Tensor, y: Tensor) -> str:
+    """SHA-256 of the raw uint8 images (with their shape) and labels: what "the same data" means for a
+    cache key or a resume fingerprint (about 0.1 s for MNIST's 60,000 images)."""
+    h = hashlib.sha256()
+    h.update(str(tuple(x.shape)).encode())
+    h.update(x.contiguous().numpy().tobytes())
+    h.update(y.contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def to_float(x: Tensor) -> Tensor:

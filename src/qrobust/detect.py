@@ -1,6 +1,6 @@
 """Detecting adversarial inputs from Monte-Carlo uncertainty: per-input statistics, metrics, the pipeline.
 
-Seed A detects adversarial inputs from the spread of T stochastic forward passes (dropout kept on at
+QNN-defense detects adversarial inputs from the spread of T stochastic forward passes (dropout kept on at
 inference, or stochastic binary weights). The passes come from the Monte-Carlo engine
 :mod:`qrobust.mc` (batched; it sits below the attacks, this module above them); here they become
 per-input statistics (:func:`uncertainty`), detection metrics on a held-out split
@@ -38,7 +38,7 @@ def _entropy(p: Tensor, dim: int = -1) -> Tensor:
 def uncertainty(probs: Tensor) -> dict[str, Tensor]:
     """Per-input statistics of Monte-Carlo softmaxes ``probs`` (T, N, C); each value has shape (N,).
 
-    * ``seed_variance``: seed A's score, :func:`qrobust.mc.predictive_variance`;
+    * ``seed_variance``: QNN-defense's score, :func:`qrobust.mc.predictive_variance`;
     * ``entropy``: predictive entropy H[mean_t p_t] (nats);
     * ``mutual_info``: H[mean_t p_t] - mean_t H[p_t] (the epistemic part, >= 0);
     * ``pred_var``: variance across passes of the probability of the Monte-Carlo predicted class.
@@ -130,7 +130,7 @@ def detection_metrics(neg: np.ndarray | Tensor, pos: np.ndarray | Tensor, *, fpr
 
 
 def seed_lr_score(clean_var: np.ndarray | Tensor, adv_var: np.ndarray | Tensor) -> float:
-    """Seed A's detection number: TRAINING accuracy of a 1-D logistic regression on the variance.
+    """QNN-defense's detection number: TRAINING accuracy of a 1-D logistic regression on the variance.
 
     ``LogisticRegression(random_state=0, solver='lbfgs')`` fitted and scored on the same points (no
     held-out split); the seed feeds all attacked inputs, failed attacks included. Kept only to compare
@@ -298,12 +298,12 @@ def run_detection(
     and measure detection (:func:`evaluate_detection`).
 
     ``labels=None``: each batch is attacked as ``attack(model, xb)``, with the attack's own labels (the
-    model's prediction, or what a composed attack's view supplies) - seed A's protocol, ``qrobust
+    model's prediction, or what a composed attack's view supplies) - QNN-defense's protocol, ``qrobust
     detect``. ``"pred"``/``"true"``: the attack runs through :func:`qrobust.evaluate.evaluate_attack`
     (kept in ``attack_result``) - the experiment runner's protocol. The global RNG is seeded with
     ``seed`` before attacking (dropout masks of single-pass attacks). The Monte-Carlo passes draw from
     generators seeded ``seed + 1`` (clean) and ``seed + 2`` (adversarial), or, given ``mc_generator``,
-    from that one stream, clean inputs first. The model's mode is left as set (seed A: ``eval()`` with
+    from that one stream, clean inputs first. The model's mode is left as set (QNN-defense: ``eval()`` with
     dropout kept on by ``MCDropout``).
     """
     if len(x) != len(y):

@@ -51,6 +51,9 @@ RULES = ("vote", "mean_softmax", "mean_logits")
 THREAT_MODELS = ("legacy", "adaptive", "adaptive_logits")
 COMBINES = ("mean_softmax", "mean_logits")
 ATTACK_NAMES = ("fgsm", "bim", "pgd", "cw", "jsma")  # the attacks EMPIR ran; each has a legacy target
+# Attacks that build every threat model's target themselves (qrobust.worst_case): their "target" is the
+# ensemble as it is, whatever the mode (which then only labels the result row).
+WHOLE_ENSEMBLE_ATTACKS = ("worst_case",)
 FULL_PRECISION = 32
 
 
@@ -62,9 +65,9 @@ def normalize_attack_name(name: str) -> str:
         key = canonical_name(name)
     except QrobustError:
         key = None
-    if key not in ATTACK_NAMES:
+    if key not in ATTACK_NAMES + WHOLE_ENSEMBLE_ATTACKS:
         raise QrobustError(f"unknown attack {name!r} for an ensemble target; "
-                           f"use one of {', '.join(ATTACK_NAMES)}")
+                           f"use one of {', '.join(ATTACK_NAMES + WHOLE_ENSEMBLE_ATTACKS)}")
     return key
 
 
@@ -297,7 +300,11 @@ class AttackTarget(nn.Module):
         self.attack = normalize_attack_name(attack)
         self.combine = combine
         self._frozen_mask: Tensor | None = None
-        if kind == "legacy":
+        if self.attack in WHOLE_ENSEMBLE_ATTACKS:
+            self.output, self.loss = "ensemble", "ce"
+            self.description = (f"{self.attack}: every threat model and the vote-aware objective, judged on "
+                                f"the {ensemble.rule.replace('_', ' ')} (the mode only labels the row)")
+        elif kind == "legacy":
             if self.attack in ("bim", "cw"):
                 self.output = "designated_logits"
                 self.loss = "cw" if self.attack == "cw" else "ce"
@@ -354,6 +361,8 @@ class AttackTarget(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         ens = self.ensemble
+        if self.output == "ensemble":
+            return ens(x)
         if self.output == "designated_logits":
             return ens.members[ens.designated](x)
         logits = ens.member_logits(x)
@@ -371,6 +380,26 @@ class AttackTarget(nn.Module):
         if self.output == "log_mean_softmax":
             return _masked_log_mean_softmax(logits, None)
         return logits.mean(0)
+
+
+class VoteView(nn.Module):
+    """The vote-aware view of an ensemble: per-class vote scores
+    (:func:`~qrobust.attacks.losses.vote_scores`) whose argmax is forced to be the vote.
+
+    A CW-margin attack on it (APGD by gradient, Square by score) aims at what breaks the vote - a
+    majority of members agreeing on one wrong class - and judges success exactly on the vote.
+    """
+
+    def __init__(self, ensemble: Ensemble, k: int | None = None, kappa: float = 0.0) -> None:
+        super().__init__()
+        self.ensemble, self.k, self.kappa = ensemble, k, kappa
+
+    def forward(self, x: Tensor) -> Tensor:
+        from qrobust.attacks.losses import vote_scores
+
+        logits = self.ensemble.member_logits(x)
+        win = self.ensemble.vote_from_logits(logits)[0]
+        return _force_argmax(vote_scores(logits, self.k, self.kappa), win)
 
 
 def on_target(attack: Any, target: AttackTarget) -> Any:
@@ -407,6 +436,6 @@ def ensemble_attack(ensemble: Ensemble, attack: str, mode: str, *, combine: str 
     return on_target(create_attack(target.attack, **params), target)
 
 
-__all__ = ["ATTACK_NAMES", "COMBINES", "RULES", "THREAT_MODELS", "AttackTarget", "Ensemble", "agreeing",
-           "describe_member", "ensemble_attack", "member_bits", "normalize_attack_name", "on_target",
-           "threat_model", "vote"]
+__all__ = ["ATTACK_NAMES", "COMBINES", "RULES", "THREAT_MODELS", "WHOLE_ENSEMBLE_ATTACKS", "AttackTarget",
+           "Ensemble", "VoteView", "agreeing", "describe_member", "ensemble_attack", "member_bits",
+           "normalize_attack_name", "on_target", "threat_model", "vote"]

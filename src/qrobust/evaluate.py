@@ -33,7 +33,8 @@ def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tup
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    # the interval always holds p; min/max keep rounding (1e-18 below 0 at p = 0) from leaving it
+    return (max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half)))
 
 
 # -- attack evaluation --
@@ -72,9 +73,10 @@ class AttackResult:
     success_ci95: tuple[float, float] = (float("nan"), float("nan"))
     x_adv: Tensor | None = field(default=None, repr=False)
     targets: Tensor | None = field(default=None, repr=False)
+    adv_correct: Tensor | None = field(default=None, repr=False)  # per image: adversarial prediction == y
 
     def as_dict(self) -> dict[str, Any]:
-        out = {k: v for k, v in asdict_shallow(self).items() if k not in ("x_adv", "targets")}
+        out = {k: v for k, v in asdict_shallow(self).items() if k not in ("x_adv", "targets", "adv_correct")}
         for k in ("clean_ci95", "adversarial_ci95", "success_ci95"):
             out[k] = list(out[k])
         return out
@@ -97,6 +99,23 @@ def _mean(values: Tensor, mask: Tensor) -> float:
     return values[mask].mean().item() if mask.any() else float("nan")
 
 
+def _goal(model: nn.Module, attack: Any, x: Tensor, y: Tensor, pred: Tensor, labels: str,
+          targets: Tensor | int | None) -> Tensor:
+    """What each image's attack aims at: the untargeted label (``pred`` or ``y``) or the target class."""
+    from qrobust.attacks.base import random_targets
+
+    if not getattr(attack, "targeted", False):
+        return pred if labels == "pred" else y
+    if targets is None:
+        with torch.no_grad():
+            num_classes = model(x[:1]).shape[1]
+        gen = torch.Generator().manual_seed(int(getattr(attack, "seed", 0)))
+        return random_targets(pred, num_classes, gen)
+    if isinstance(targets, int):
+        return torch.full_like(y, targets)
+    return targets.to(device=x.device, dtype=torch.long)
+
+
 def evaluate_attack(
     model: nn.Module,
     attack: Callable[..., Tensor],
@@ -116,7 +135,6 @@ def evaluate_attack(
     (tensor or one class); ``None`` draws a random class different from the clean prediction,
     seeded by ``attack.seed``. The model's train/eval mode is left as the caller set it.
     """
-    from qrobust.attacks.base import random_targets
     from qrobust.errors import QrobustError
 
     if labels not in ("pred", "true"):
@@ -128,19 +146,7 @@ def evaluate_attack(
     y = y.to(x.device)
     targeted = bool(getattr(attack, "targeted", False))
     pred = predict(model, x, batch_size)
-    lab = pred if labels == "pred" else y
-    if targeted:
-        if targets is None:
-            with torch.no_grad():
-                num_classes = model(x[:1]).shape[1]
-            gen = torch.Generator().manual_seed(int(getattr(attack, "seed", 0)))
-            goal = random_targets(pred, num_classes, gen)
-        elif isinstance(targets, int):
-            goal = torch.full_like(y, targets)
-        else:
-            goal = targets.to(device=x.device, dtype=torch.long)
-    else:
-        goal = lab
+    goal = _goal(model, attack, x, y, pred, labels, targets)
     advs = []
     t0 = time.perf_counter()
     for i in range(0, len(x), batch_size):
@@ -150,8 +156,8 @@ def evaluate_attack(
     seconds = time.perf_counter() - t0
     x_adv = torch.cat(advs) if advs else x.clone()
     pred_adv = predict(model, x_adv, batch_size)
-    attacked = (pred != goal) if targeted else (pred == lab)
-    success = attacked & ((pred_adv == goal) if targeted else (pred_adv != lab))
+    attacked = (pred != goal) if targeted else (pred == goal)
+    success = attacked & ((pred_adv == goal) if targeted else (pred_adv != goal))
     l0, l2, linf = perturbation_norms(x, x_adv)
     n, n_att = len(x), int(attacked.sum())
     clean_ok, adv_ok, n_succ = int((pred == y).sum()), int((pred_adv == y).sum()), int(success.sum())
@@ -167,5 +173,5 @@ def evaluate_attack(
         seconds=seconds,
         clean_ci95=wilson_interval(clean_ok, n), adversarial_ci95=wilson_interval(adv_ok, n),
         success_ci95=wilson_interval(n_succ, n_att),
-        x_adv=x_adv if keep_adv else None, targets=goal if targeted else None,
+        x_adv=x_adv if keep_adv else None, targets=goal if targeted else None, adv_correct=pred_adv == y,
     )

@@ -3,7 +3,7 @@
 It sits below :mod:`qrobust.attacks` (EOT and detector-aware attacks differentiate these passes) and
 below :mod:`qrobust.detect` (detection statistics and metrics), so attacks never import detection.
 
-Seed A detects adversarial inputs from the spread of T stochastic forward passes (dropout kept on at
+QNN-defense detects adversarial inputs from the spread of T stochastic forward passes (dropout kept on at
 inference, or stochastic binary weights). Running the model T times over the data is wasteful: the
 part of the network before the first stochastic layer is deterministic. :func:`mc_logits` therefore
 runs the deterministic prefix once per input and only the stochastic suffix on T copies:
@@ -100,7 +100,7 @@ def keep_mask(shape: Sequence[int] | torch.Size, keep: float, generator: torch.G
 
     When ``keep * 256`` is a whole number (p = 0.5, 0.25, ...) each element uses one random byte cut
     from 64-bit random words: exact, and about 8x less random-number work than ``bernoulli_`` (which
-    dominated the cost of Monte-Carlo dropout on seed A's 36,864-wide layer). Otherwise ``rand < keep``.
+    dominated the cost of Monte-Carlo dropout on QNN-defense's 36,864-wide layer). Otherwise ``rand < keep``.
     """
     n = math.prod(shape)
     level = keep * 256
@@ -329,7 +329,7 @@ def mc_logits(
     """Logits of ``samples`` stochastic forward passes, shape (T, N, classes); keeps autograd.
 
     The model must already be in the wanted mode (``eval()`` with ``MCDropout(always_on=True)`` for
-    seed A). ``batch_size`` is the number of inputs per chunk (default: about 1000 / T), so the
+    QNN-defense). ``batch_size`` is the number of inputs per chunk (default: about 1000 / T), so the
     widest activation holds at most ``T * batch_size`` rows. See the module docstring for strategies.
     """
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
@@ -387,20 +387,20 @@ def log_mean_softmax(logits: Tensor, dim: int = 0) -> Tensor:
 
 
 def predictive_variance(probs: Tensor, dim: int = 0) -> Tensor:
-    """Seed A's uncertainty score: mean over classes of the variance of the softmax across the copies
+    """QNN-defense's uncertainty score: mean over classes of the variance of the softmax across the copies
     along ``dim`` (population variance, numpy's ``var``, as the seed computed it). Differentiable."""
     return probs.var(dim, unbiased=False).mean(-1)
 
 
 def group_prediction(probs: Tensor) -> Tensor:
-    """Seed A's group decision from softmaxes (T, N, C): argmax of their sum over the T copies."""
+    """QNN-defense's group decision from softmaxes (T, N, C): argmax of their sum over the T copies."""
     return probs.sum(0).argmax(-1)
 
 
 class MCAverage(nn.Module):
     """View of a randomized model: forward returns the log of the mean softmax over ``samples`` copies.
 
-    Lets any attack that expects logits attack "the Monte-Carlo prediction" (seed A's group decision);
+    Lets any attack that expects logits attack "the Monte-Carlo prediction" (QNN-defense's group decision);
     the copies are computed batched by :func:`mc_logits`.
     """
 

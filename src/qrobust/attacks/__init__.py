@@ -17,6 +17,7 @@ from qrobust.attacks.losses import LOSSES, ce_loss, ce_prob_loss, cw_loss, resol
 from qrobust.attacks.pgd import BIM, PGD
 from qrobust.attacks.registry import ATTACKS, attack_params, canonical_name, create_attack, seed_attack_name
 from qrobust.attacks.square import Scored, Square
+from qrobust.attacks.worst_case import WorstCase, WorstCaseReport, worst_case
 
 __all__ = [
     "APGD",
@@ -36,6 +37,8 @@ __all__ = [
     "RandomEpsFGSM",
     "Scored",
     "Square",
+    "WorstCase",
+    "WorstCaseReport",
     "attack_params",
     "canonical_name",
     "ce_loss",
@@ -49,4 +52,5 @@ __all__ = [
     "random_targets",
     "resolve_loss",
     "seed_attack_name",
+    "worst_case",
 ]

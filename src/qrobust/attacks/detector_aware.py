@@ -11,12 +11,12 @@ for stochastic-weight layers). A loss callable then sees all K copies of each in
   (the average of K per-pass gradients, Athalye et al. 2018), i.e. what ``eot_samples=K`` computes
   with K sequential passes, here in one batched pass;
 * :func:`detector_aware_loss` - adversarial margin of the Monte-Carlo mean prediction, capped at
-  ``kappa``, minus ``lam`` times seed A's uncertainty score (:func:`~qrobust.mc.predictive_variance`
+  ``kappa``, minus ``lam`` times QNN-defense's uncertainty score (:func:`~qrobust.mc.predictive_variance`
   of the K copies). Once an input is misclassified with margin ``kappa`` only the variance term is
   left, so the remaining steps drive the detector's score down while staying adversarial.
 
 ``mc_samples`` is K (not ``samples``, which an experiment config uses for the number of images). Without
-labels these attacks move away from the group prediction of K copies (seed A's decision).
+labels these attacks move away from the group prediction of K copies (QNN-defense's decision).
 :func:`on_mc_mean` instead runs any attack (CW-L2, JSMA, ...) on :class:`~qrobust.mc.MCAverage`, the log
 mean softmax of K copies.
 """
@@ -66,7 +66,7 @@ def detector_aware_loss(lam: float = 10.0, kappa: float = 1.0) -> Callable[[Tens
 
 @torch.no_grad()
 def mc_predictions(model: nn.Module, x: Tensor, samples: int, batch_size: int = 100) -> Tensor:
-    """Seed A's group prediction of ``samples`` Monte-Carlo copies: the default labels of these attacks."""
+    """QNN-defense's group prediction of ``samples`` Monte-Carlo copies: these attacks' default labels."""
     return group_prediction(mc_probs(model, x, samples, batch_size=batch_size))
 
 
@@ -97,7 +97,7 @@ class EOTPGD(_MCPGD):
 
 
 class DetectorAwarePGD(_MCPGD):
-    """PGD that fools the Monte-Carlo prediction AND lowers seed A's uncertainty score.
+    """PGD that fools the Monte-Carlo prediction AND lowers QNN-defense's uncertainty score.
 
     Loss per input: ``min(margin, kappa) - lam * variance`` with the margin of the log mean softmax over
     K copies and the variance estimated from the same K copies; see the module docstring.

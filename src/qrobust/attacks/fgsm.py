@@ -1,4 +1,4 @@
-"""Fast Gradient Sign Method (Goodfellow et al. 2015), and seed A's random-eps variant for training."""
+"""Fast Gradient Sign Method (Goodfellow et al. 2015), and QNN-defense's random-eps variant for training."""
 
 from __future__ import annotations
 
@@ -35,8 +35,9 @@ class FGSM(LinfAttack):
 class RandomEpsFGSM(FGSM):
     """FGSM with a random step per example, ``eps_i = |TN(0, scale)|`` (normal truncated at 2 * scale).
 
-    Seed A's ``--adv 2`` training attack (after Kurakin et al. 2017): each example sees a different
-    strength. ``eps`` optionally caps the draw. Seed A itself used ``stddev = (MAX_EPS * 255) // 2 = 255``
+    QNN-defense's ``--adv 2`` training attack (after Kurakin et al. 2017): each example sees a different
+    strength. ``eps`` optionally caps the draw. QNN-defense itself used
+    ``stddev = (MAX_EPS * 255) // 2 = 255``
     on [0, 1] images (a pixel-units slip), which turns almost every example into a sign image; pass
     ``scale=255`` to reproduce that literally.
     """

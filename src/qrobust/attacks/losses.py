@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -70,6 +71,29 @@ def dlr_targeted_loss(outputs: Tensor, y: Tensor) -> Tensor:
     return margin(outputs, y) / (top[:, 0] - (top[:, 2] + top[:, 3]) / 2 + 1e-12)
 
 
+def vote_scores(member_logits: Tensor, k: int | None = None, kappa: float = 0.0) -> Tensor:
+    """Per-class vote scores (N, C) of an ensemble from its members' logits (M, N, C).
+
+    ``d[m, :, t] = z_mt - max_{j != t} z_mj`` is positive iff member m votes for t. The score of t is the
+    sum, over the ``k`` members closest to voting t (default: a majority, ``M // 2 + 1``), of
+    ``min(d, kappa)``; with ``kappa = 0`` it is 0 exactly when k members vote t and negative otherwise.
+    A CW margin on these scores is the vote-aware objective: it makes the members easiest to fool agree
+    on ONE wrong class, which is what breaks a vote, while the mean logits (or mean softmax) are dominated
+    by the most confident member.
+    """
+    if member_logits.dim() != 3 or member_logits.shape[-1] < 2:
+        raise QrobustError(f"vote scores need member logits (members, N, C >= 2), got "
+                           f"{tuple(member_logits.shape)}")
+    m = member_logits.shape[0]
+    k = m // 2 + 1 if k is None else k
+    if not 1 <= k <= m:
+        raise QrobustError(f"k must be between 1 and the number of members ({m}), got {k}")
+    top2 = member_logits.topk(2, dim=-1).values
+    other = torch.where(member_logits >= top2[..., :1], top2[..., 1:2], top2[..., :1])
+    d = (member_logits - other).clamp(max=kappa)
+    return d.topk(k, dim=0).values.sum(0)
+
+
 _BY_NAME: dict[str, LossFn] = {"ce": ce_loss, "ce_prob": ce_prob_loss, "cw": cw_loss, "dlr": dlr_loss,
                                "dlr_targeted": dlr_targeted_loss}
 
@@ -93,4 +117,4 @@ def check_per_sample(value: Tensor, batch: int) -> Tensor:
 
 
 __all__ = ["LOSSES", "LossFn", "ce_loss", "ce_prob_loss", "cw_loss", "dlr_loss", "dlr_targeted_loss",
-           "margin", "resolve_loss"]
+           "margin", "resolve_loss", "vote_scores"]

@@ -13,6 +13,7 @@ from qrobust.attacks.fgsm import FGSM, RandomEpsFGSM
 from qrobust.attacks.jsma import JSMA
 from qrobust.attacks.pgd import BIM, PGD
 from qrobust.attacks.square import Square
+from qrobust.attacks.worst_case import WorstCase
 from qrobust.errors import QrobustError
 
 ATTACKS: dict[str, type[Attack]] = {
@@ -27,13 +28,14 @@ ATTACKS: dict[str, type[Attack]] = {
     "apgd": APGD,
     "apgdt": APGDT,
     "square": Square,
+    "worst_case": WorstCase,
 }
 # THE alias table: other spellings, including the seeds' CleverHans class names, keyed without case,
 # "-", "_" or spaces (see canonical_name).
 ALIASES = {"cwl2": "cw", "carliniwagnerl2": "cw", "ifgsm": "bim", "basiciter": "bim",
            "basiciterativemethod": "bim", "fgm": "fgsm", "fastgradientmethod": "fgsm", "madryetal": "pgd",
            "saliencymapmethod": "jsma"}
-# Both seeds' ``--attack`` codes (seed A's and EMPIR's mnist_attack.py share the enum).
+# Both seeds' ``--attack`` codes (QNN-defense's and EMPIR's mnist_attack.py share the enum).
 SEED_CODES = {0: "cw", 1: "jsma", 2: "fgsm", 3: "pgd", 4: "bim"}
 
 

@@ -6,18 +6,29 @@ import argparse
 import io
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 
 from qrobust.attacks import ATTACKS, LOSSES, attack_params, create_attack
-from qrobust.checkpoint import load_checkpoint
-from qrobust.cli.common import add_checkpoint, add_data, add_device, checkpoint_path, nonneg_int, positive_int
-from qrobust.data import check_images, load_dataset
+from qrobust.cli.common import (
+    add_checkpoint,
+    add_data,
+    add_device,
+    checkpoint_path,
+    load_model,
+    load_test_split,
+    nonneg_int,
+    one_line_errors,
+    positive_int,
+)
 from qrobust.errors import QrobustError
 from qrobust.evaluate import evaluate_attack
 from qrobust.utils import (
     atomic_write_bytes,
     atomic_write_json,
+    check_free_space,
+    check_output_file,
     resolve_device,
     seed_everything,
     show_progress,
@@ -78,14 +89,16 @@ def _save_adv(path: str, x, x_adv, y, result) -> None:
 def run(args: argparse.Namespace) -> int:
     params = attack_settings(args)
     attack = create_attack(args.attack, **params)
+    check_output_file(args.json_out, "--json-out")  # before the attack, not after it
+    if args.save_adv is not None and not args.save_adv.endswith(".npz"):
+        raise QrobustError(f"--save-adv must name a .npz file, got {args.save_adv!r}")
+    check_output_file(args.save_adv, "--save-adv")
     device = resolve_device(args.device)
     seed_everything(args.seed)
-    model, config = load_checkpoint(checkpoint_path(args), device)  # eval mode; MC dropout stays on
-    data = load_dataset(args.data or config.get("dataset", "digits"), root=args.data_root,
-                        download=args.download)
-    test = data.test.head(args.n) if args.n else data.test
-    x, y = test.tensors(device)
-    check_images(x, tuple(config["model"]["input_shape"]), f"dataset {data.name}")
+    model, config = load_model(args, checkpoint_path(args), device)  # eval mode; MC dropout stays on
+    data, x, y = load_test_split(args, model, config, args.n, device)
+    if args.save_adv:  # x and x_adv as float32, before hours of attacking
+        check_free_space(Path(args.save_adv).parent, 8 * x.numel(), f"--save-adv {args.save_adv}")
     num_classes = int(model(x[:1]).shape[1])
     targets = None
     if isinstance(args.target, int):
@@ -122,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("attack", help="attack a checkpoint and report adversarial accuracy")
+    p = one_line_errors(sub.add_parser("attack", help="attack a checkpoint and report adversarial accuracy"))
     add_checkpoint(p)
     p.add_argument("--attack", required=True, choices=[k for k in ATTACKS if k != "fgsm_random"])
     g = p.add_argument_group("attack settings (defaults: the attack's own, i.e. the seeds' settings)")

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from qrobust.data import Dataset
 
 
 def positive_int(text: str) -> int:
@@ -55,6 +61,39 @@ def add_checkpoint(p: argparse.ArgumentParser) -> None:
     """The positional CHECKPOINT (anything :func:`checkpoint_path` resolves) and ``--train-missing``."""
     p.add_argument("checkpoint", help="checkpoint folder, recipe name or zoo:<recipe> (pretrained zoo)")
     add_train_missing(p)
+    add_trust(p)
+
+
+def add_trust(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-unverified", action="store_true",
+                   help="load a checkpoint whose config.json lacks the weights' SHA-256 (hand-edited; "
+                        "default: refuse)")
+
+
+def load_model(args: argparse.Namespace, path: Path, device: torch.device) -> tuple[nn.Module, dict]:
+    """:func:`qrobust.checkpoint.load_checkpoint` with the command's ``--trust-unverified``."""
+    from qrobust.checkpoint import load_checkpoint
+
+    return load_checkpoint(path, device, trust_unverified=bool(getattr(args, "trust_unverified", False)))
+
+
+def load_test_split(args: argparse.Namespace, model: nn.Module, config: dict, n: int, device: torch.device,
+                    ) -> tuple[Dataset, torch.Tensor, torch.Tensor]:
+    """The test images a command evaluates, validated against the model before any computation:
+    image shape, pixel range, and labels the model can predict (else accuracy is 0% by construction)."""
+    from qrobust.checkpoint import check_labels
+    from qrobust.data import check_images, load_dataset
+    from qrobust.errors import QrobustError
+
+    data = load_dataset(args.data or config.get("dataset", "digits"), root=args.data_root,
+                        download=args.download)
+    test = data.test.head(n) if n else data.test
+    if len(test) == 0:
+        raise QrobustError(f"{test.name} holds no images; use a dataset with a test split")
+    x, y = test.tensors(device)
+    check_images(x, tuple(config["model"].get("input_shape", x.shape[1:])), f"dataset {data.name}")
+    check_labels(model, test)
+    return data, x, y
 
 
 def add_train_missing(p: argparse.ArgumentParser) -> None:

@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from qrobust.cli.common import add_device, nonneg_int, positive_int
+from qrobust.cli.common import add_device, add_trust, nonneg_int, one_line_errors, positive_int
 from qrobust.errors import QrobustError
 
 DATASET_MODEL = {"mnist": "mnistconv", "cifar10": "cifarconv"}
@@ -54,7 +54,7 @@ def _check_bits(model, config: dict, wbits: int, abits: int, flag: str) -> None:
 
 def build_system(args: argparse.Namespace, device):
     """Load the attacked system: an EMPIR ensemble (--ensembleThree) or one model (--model_path)."""
-    from qrobust.checkpoint import load_checkpoint
+    from qrobust.cli.common import load_model
     from qrobust.ensemble import Ensemble
 
     if args.ensembleThree:
@@ -67,7 +67,7 @@ def build_system(args: argparse.Namespace, device):
         members, configs = [], []
         for i in (1, 2, 3):
             path = _resolve_path(getattr(args, f"model_path{i}"), f"--model_path{i}", args)
-            model, config = load_checkpoint(path, device)
+            model, config = load_model(args, path, device)
             config["_path"] = str(path)
             members.append(model)
             configs.append(config)
@@ -83,7 +83,7 @@ def build_system(args: argparse.Namespace, device):
         if getattr(args, flag):
             raise QrobustError(f"--{flag} is only used with --ensembleThree")
     path = _resolve_path(args.model_path, "--model_path", args)
-    model, config = load_checkpoint(path, device)
+    model, config = load_model(args, path, device)
     config["_path"] = str(path)
     _check_bits(model, config, args.wbits, args.abits, "")
     return model, [config]
@@ -102,14 +102,17 @@ def make_attack(args: argparse.Namespace, loss: str = "ce"):
         return create_attack("pgd", eps=args.eps, alpha=args.eps_iter, steps=args.nb_iter, random_start=True,
                              seed=args.seed, loss=loss)
     if name == "cw":
+        from qrobust.attacks.cw import SEED_START_MARGIN  # the seeds' CW-L2 exactly, start included
+
         return create_attack("cw", c=10.0, steps=args.attack_iterations, lr=0.1, binary_steps=1,
-                             confidence=0.0, abort_early=True)
+                             confidence=0.0, abort_early=True, start_margin=SEED_START_MARGIN)
     return create_attack("jsma", theta=1.0, gamma=0.1, seed=args.seed)
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from qrobust.checkpoint import check_labels
     from qrobust.data import check_images, load_dataset
     from qrobust.ensemble import Ensemble, on_target
     from qrobust.evaluate import evaluate_attack
@@ -134,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
     test = data.test.head(args.nb_samples) if args.nb_samples else data.test
     x, y = test.tensors(device)
     check_images(x, tuple(configs[0]["model"]["input_shape"]), f"dataset {data.name}")
+    check_labels(system, test)
     for cfg in configs:
         if cfg.get("dataset") not in (None, args.dataset):
             raise QrobustError(f"checkpoint {cfg['_path']} was trained on {cfg['dataset']}, "
@@ -165,8 +169,9 @@ def run(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     from qrobust.ensemble import COMBINES, RULES, THREAT_MODELS
 
-    p = sub.add_parser("empir", help="EMPIR's attack scripts with EMPIR's flags (mixed-precision ensembles)",
-                       description=__doc__.splitlines()[0])
+    p = one_line_errors(sub.add_parser(
+        "empir", help="EMPIR's attack scripts with EMPIR's flags (mixed-precision ensembles)",
+        description=__doc__.splitlines()[0]))
     p.add_argument("dataset", choices=sorted(DATASET_MODEL), help="mnist (mnist_attack.py) or cifar10 "
                    "(cifar10_attack.py)")
     g = p.add_argument_group("models (EMPIR flags)")
@@ -216,6 +221,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--seed", type=int, default=0, help="seed of random starts and JSMA targets")
     q.add_argument("--json", action="store_true", help="print one JSON object instead of EMPIR's lines")
     add_device(p)
+    add_trust(p)
     t = p.add_argument_group("EMPIR training flags (rejected: use `qrobust train`)")
     for flag in TRAINING_FLAGS:
         t.add_argument(f"--{flag}", default=None, nargs="?", const=True, help=argparse.SUPPRESS)

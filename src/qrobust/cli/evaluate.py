@@ -7,31 +7,24 @@ import json
 
 import torch
 
-from qrobust.checkpoint import load_checkpoint
 from qrobust.cli.common import (
     add_checkpoint,
     add_data,
     add_device,
     checkpoint_path,
+    load_model,
+    load_test_split,
     nonneg_int,
     one_line_errors,
 )
-from qrobust.data import check_images, load_dataset
-from qrobust.errors import QrobustError
 from qrobust.evaluate import predict, wilson_interval
 from qrobust.utils import resolve_device
 
 
 def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
-    model, config = load_checkpoint(checkpoint_path(args), device)
-    spec = args.data or config.get("dataset", "digits")
-    data = load_dataset(spec, root=args.data_root, download=args.download)
-    test = data.test.head(args.n) if args.n else data.test
-    if len(test) == 0:
-        raise QrobustError(f"{test.name} holds no images; evaluate on a dataset with a test split")
-    x, y = test.tensors(device)
-    check_images(x, tuple(config["model"].get("input_shape", x.shape[1:])), f"dataset {data.name}")
+    model, config = load_model(args, checkpoint_path(args), device)
+    data, x, y = load_test_split(args, model, config, args.n, device)
     with torch.no_grad():
         pred = predict(model, x)
     correct = int((pred == y).sum())

@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from qrobust.cli.common import add_train_missing, positive_int
+from qrobust.cli.common import add_train_missing, one_line_errors, positive_int
 
 
 def _log(message: str) -> None:
@@ -35,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
         samples=args.samples,
     )
     if args.check:
+        check_outputs(cfg)
         print(
             f"{args.file}: ok ({len(cfg.models)} models, {len(cfg.ensembles)} ensembles, "
             f"{len(cfg.attacks)} attacks, detection {'on' if cfg.detection else 'off'}; output {cfg.output})"
@@ -67,12 +68,31 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_outputs(cfg) -> None:  # noqa: ANN001
+    """What ``run`` would refuse about its output and data, checked without computing or writing results:
+    the output folder (writable, not in use by another run), its store (ours or absent) and each dataset."""
+    from qrobust.data import load_dataset
+    from qrobust.experiment.runner import STORE_NAME
+    from qrobust.experiment.store import ResultStore
+    from qrobust.utils import check_writable_dir, output_lock
+
+    out = cfg.output_dir.expanduser().absolute()
+    existing = next(d for d in (out, *out.parents) if d.exists())
+    check_writable_dir(existing)  # an existing folder is only probed; a missing one is not created
+    if existing == out:
+        ResultStore.verify(out / STORE_NAME)
+        with output_lock(out, "experiment output"):
+            pass
+    for spec in cfg.datasets.values():
+        load_dataset(spec.source, root=cfg.data_root)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = one_line_errors(sub.add_parser(
         "run",
         help="run an experiment file (TOML): train, attack, detect, report",
         description="Run (or resume) an experiment file (TOML) and write its report (docs/experiments.md).",
-    )
+    ))
     p.add_argument("file", help="experiment file, e.g. configs/quickstart.toml (see docs/experiments.md)")
     p.add_argument(
         "--out", default=None, help="output directory (default: the file's `output`, else runs/<name>)"

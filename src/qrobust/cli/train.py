@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
-from qrobust.checkpoint import train_to_checkpoint
+from qrobust.checkpoint import check_checkpoint_target, train_to_checkpoint
 from qrobust.cli.common import add_data, add_device, bits, nonneg_int, one_line_errors, positive_int
 from qrobust.data import NAMED, load_dataset
 from qrobust.errors import QrobustError
 from qrobust.models import create_model, get_entry
 from qrobust.train import TrainConfig
-from qrobust.utils import check_writable_dir, resolve_device, seed_everything
+from qrobust.utils import resolve_device, seed_everything
 
 
 def model_kwargs(args: argparse.Namespace) -> dict:
@@ -36,7 +37,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model family (see `qrobust models`)")
     p.add_argument("--wbits", type=bits, help="weight bits, 1-32 (EMPIR models)")
     p.add_argument("--abits", type=bits, help="activation bits, 1-32 (EMPIR models)")
-    p.add_argument("--bits", type=bits, help="bits of seed A's k-bit QNN (qnn_kbit)")
+    p.add_argument("--bits", type=bits, help="bits of QNN-defense's k-bit QNN (qnn_kbit)")
     p.add_argument("--dropout", type=float, help="dropout rate in [0, 1)")
     p.add_argument("--mc-dropout", dest="mc_dropout", action=argparse.BooleanOptionalAction, default=None,
                    help="keep dropout on at inference")
@@ -53,25 +54,24 @@ def data_spec(spec: str) -> str:
 def run(args: argparse.Namespace) -> int:
     if args.epochs < 0:
         raise QrobustError(f"--epochs must be >= 0, got {args.epochs}")
+    from qrobust.cli.adv import KINDS, adv_settings, build_adversary
+
+    kind = getattr(args, "adv", None)
+    # QNN-defense's attacks keep their adversary route; the methods (fgsm-rs, trades) are TrainConfig fields
+    method = adv_settings(args) if kind and kind not in KINDS else {
+        "adv_start_epoch": getattr(args, "adv_start_epoch", 0) or 0,
+        "adv_weight": getattr(args, "adv_weight", 0.5)}
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       label_smoothing=args.label_smoothing, max_train=args.max_train,
-                      adv_start_epoch=getattr(args, "adv_start_epoch", 0) or 0,
-                      adv_weight=getattr(args, "adv_weight", 0.5), lr_schedule=args.lr_schedule)
+                      lr_schedule=args.lr_schedule, **method)
     cfg.validate()
     out = Path(args.out)
-    if out.exists() and not args.force:
-        raise QrobustError(f"checkpoint {out} already exists; pass --force to overwrite it or choose another "
-                           "--out")
-    check_writable_dir(out.parent)
+    check_checkpoint_target(out, overwrite=args.force)  # before loading data or training
     device = resolve_device(args.device)
     seed_everything(args.seed)
     model = create_model(args.model, **model_kwargs(args))
     data = load_dataset(args.data, root=args.data_root, download=args.download)
-    adversary = None
-    if getattr(args, "adv", None):
-        from qrobust.cli.adv import build_adversary
-
-        adversary = build_adversary(args)
+    adversary = build_adversary(args) if kind in KINDS else None
     test = data.test.head(args.max_test) if args.max_test else data.test
 
     def report(rec) -> None:
@@ -81,12 +81,13 @@ def run(args: argparse.Namespace) -> int:
 
     info = {"dataset": data_spec(args.data), "dataset_name": data.name,
             "train": {**vars(cfg), "device": str(device)}}
-    if adversary is not None:
-        info["adversarial_training"] = getattr(args, "adv_description", args.adv)
+    if kind:
+        info["adversarial_training"] = getattr(args, "adv_description", kind)
     result = train_to_checkpoint(out, model, data, cfg, test=test, info=info, device=device,
                                  adversary=adversary, progress=not args.quiet, on_epoch=report,
                                  overwrite=args.force)
-    print(json.dumps({"checkpoint": str(out), "test_accuracy": result.test_accuracy,
+    acc = result.test_accuracy  # NaN after --epochs 0: JSON has no NaN, so null
+    print(json.dumps({"checkpoint": str(out), "test_accuracy": acc if math.isfinite(acc) else None,
                       "train_seconds": round(result.seconds, 1)}))
     return 0
 
@@ -106,7 +107,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-test", type=nonneg_int, default=0, help="evaluate on the first N test images (0 = "
                                                                   "all)")
     p.add_argument("--out", required=True, help="checkpoint directory to create")
-    p.add_argument("--force", action="store_true", help="overwrite an existing checkpoint")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing checkpoint (only one qrobust wrote; anything else is refused)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_device(p)
     try:

@@ -1,4 +1,5 @@
-"""Experiments from one TOML file: config schema, SQLite result store, cached and resumable runner."""
+"""Experiments from one TOML file: config schema, SQLite result store, cached and resumable runner
+(models: models.py, units and keys: plan.py, computing a unit: units.py, reading a store back: results.py)."""
 
 from qrobust.experiment.config import (
     AttackSpec,
@@ -10,7 +11,8 @@ from qrobust.experiment.config import (
     load_config,
     parse_config,
 )
-from qrobust.experiment.runner import Runner, RunSummary, Unit, run_experiment
+from qrobust.experiment.plan import Unit
+from qrobust.experiment.runner import Runner, RunSummary, run_experiment
 from qrobust.experiment.store import ResultStore, canonical_json, stable_hash
 
 __all__ = [

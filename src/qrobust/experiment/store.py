@@ -89,6 +89,7 @@ class ResultStore:
                 f"cannot open the result store {self.path}: {exc}; choose another output"
             ) from exc
         try:
+            self._check_own()  # read-only: a database that is not ours is refused untouched
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=FULL")
             self.conn.executescript(_SCHEMA)
@@ -105,6 +106,38 @@ class ResultStore:
             raise QrobustError(
                 f"{self.path} is not a qrobust result store ({exc}); use another output"
             ) from exc
+
+    def _check_own(self) -> None:
+        try:
+            _refuse_foreign(self.conn, self.path)
+        except QrobustError:
+            self.conn.close()
+            raise
+
+    @classmethod
+    def verify(cls, path: str | os.PathLike) -> None:
+        """Refuse, without creating or changing anything, a file at ``path`` that this store would refuse
+        (another program's database, another store format, not SQLite): ``qrobust run --check``."""
+        path = Path(path)
+        if not path.exists():
+            return
+        if path.is_dir():
+            raise QrobustError(f"{path} is a directory, not a result store; use another output")
+        try:
+            # read-only and immutable: no -wal / -shm files appear beside it
+            conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro&immutable=1", uri=True)
+        except sqlite3.Error as exc:
+            raise QrobustError(f"cannot open the result store {path}: {exc}; choose another output") from exc
+        try:
+            if _refuse_foreign(conn, path):
+                row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+                if int(row[0]) != SCHEMA_VERSION:
+                    raise QrobustError(f"{path} was written by another qrobust store format ({row[0]}); use "
+                                       "a fresh output directory")
+        except sqlite3.DatabaseError as exc:
+            raise QrobustError(f"{path} is not a qrobust result store ({exc}); use another output") from exc
+        finally:
+            conn.close()
 
     # -- context manager -------------------------------------------------------------------------
     def __enter__(self) -> ResultStore:
@@ -194,6 +227,23 @@ class ResultStore:
 
     def _transaction(self):
         return _Tx(self.conn)
+
+
+def _refuse_foreign(conn: sqlite3.Connection, path: Path) -> bool:
+    """Refuse an existing SQLite database that some other program wrote (other tables, or no
+    ``meta.schema`` row), before anything creates tables or switches its journal mode. Returns whether
+    the file already is a store (False: new or empty)."""
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if not tables:
+        return False
+    ours = tables <= {"meta", "models", "results"} and "meta" in tables and conn.execute(
+        "SELECT 1 FROM meta WHERE key='schema'").fetchone() is not None
+    if not ours:
+        raise QrobustError(
+            f"{path} is an SQLite database that qrobust did not write (tables: "
+            f"{', '.join(sorted(tables)[:5])}); it was left untouched. Choose another output (--out)"
+        )
+    return True
 
 
 class _Tx:

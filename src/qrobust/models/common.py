@@ -25,7 +25,7 @@ class MCDropout(nn.Module):
         if self.p == 0.0 or not (self.training or self.always_on):
             return x
         # Same distribution as F.dropout, ~2.5x faster on CPU: one uniform draw thresholded in place
-        # (F.dropout's Bernoulli sampler dominated Monte-Carlo inference and seed A's training step).
+        # (F.dropout's Bernoulli sampler dominated Monte-Carlo inference and QNN-defense's training step).
         keep = torch.empty_like(x).uniform_().ge_(self.p).mul_(1.0 / (1.0 - self.p))
         return x * keep
 
@@ -63,7 +63,7 @@ class MaxPoolSame(nn.Module):
 
 
 class CenteredBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm with a learned shift but no scale: ``tf.contrib.layers.batch_norm``'s defaults in seed A.
+    """BatchNorm with a learned shift but no scale: QNN-defense's ``tf.contrib.layers.batch_norm`` defaults.
 
     TF's defaults are ``center=True, scale=False, decay=0.999, epsilon=1e-5``; decay 0.999 is PyTorch
     momentum 0.001. The parameter is named ``bias`` (TF: ``beta``).
@@ -75,9 +75,9 @@ class CenteredBatchNorm2d(nn.BatchNorm2d):
         self.register_parameter("weight", None)
 
 
-def seed_init_(module: nn.Module, conv_std: float, normalize_conv: bool = True) -> None:
-    """The seeds' CleverHans init: convs truncated normal (+-2 std), optionally each filter scaled to unit
-    L2 norm; fully connected layers standard normal with each output unit's weights scaled to unit norm
+def seed_init_(module: nn.Module, conv_std: float) -> None:
+    """The seeds' CleverHans init: convs truncated normal (+-2 std) with each filter scaled to unit L2 norm,
+    fully connected layers standard normal with each output unit's weights scaled to unit norm
     (``Linear``/``HiddenLinear`` in both seeds). Biases (if any) start at zero."""
     for m in module.modules():
         if not isinstance(m, nn.Conv2d | nn.Linear):
@@ -87,20 +87,7 @@ def seed_init_(module: nn.Module, conv_std: float, normalize_conv: bool = True) 
                 nn.init.trunc_normal_(m.weight, std=conv_std, a=-2 * conv_std, b=2 * conv_std)
             else:
                 nn.init.normal_(m.weight)
-            if normalize_conv or isinstance(m, nn.Linear):
-                norms = m.weight.flatten(1).norm(dim=1).clamp_min(1e-12)
-                m.weight.div_(norms.view(-1, *([1] * (m.weight.dim() - 1))))
+            norms = m.weight.flatten(1).norm(dim=1).clamp_min(1e-12)
+            m.weight.div_(norms.view(-1, *([1] * (m.weight.dim() - 1))))
             if m.bias is not None:
                 m.bias.zero_()
-
-
-def unit_norm_truncnormal_(module: nn.Module, std: float) -> None:
-    """EMPIR/CleverHans init: truncated normal, then each output filter scaled to unit L2 norm."""
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d | nn.Linear):
-            with torch.no_grad():
-                nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
-                norms = m.weight.flatten(1).norm(dim=1).clamp_min(1e-12)
-                m.weight.div_(norms.view(-1, *([1] * (m.weight.dim() - 1))))
-                if m.bias is not None:
-                    m.bias.zero_()

@@ -1,4 +1,4 @@
-"""Changing a built model's Monte-Carlo dropout after the fact (seed A's ``--dropout`` at attack time)."""
+"""Changing a built model's Monte-Carlo dropout afterwards (QNN-defense's ``--dropout`` at attack time)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from qrobust.models.common import MCDropout
 def set_dropout(model: nn.Module, rate: float) -> int:
     """Set the rate of every :class:`MCDropout` layer and keep it on at inference; returns how many.
 
-    Seed A chose the dropout of the attacked net per run, independent of how it was trained.
+    QNN-defense chose the dropout of the attacked net per run, independent of how it was trained.
     """
     if not 0.0 <= rate < 1.0:
         raise QrobustError(f"dropout rate must be in [0, 1), got {rate}")

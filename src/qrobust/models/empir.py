@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from qrobust.models.common import MaxPoolSame, MCDropout, Normalize, seed_init_, unit_norm_truncnormal_
+from qrobust.models.common import MaxPoolSame, MCDropout, Normalize, seed_init_
 from qrobust.models.registry import register_model
 from qrobust.quant import FULL_PRECISION, DoReFaActivation, DoReFaWeight, QuantConv2d, QuantLinear, check_bits
 
@@ -124,7 +124,7 @@ class DoReFaAlexNet(nn.Module):
             MCDropout(dropout, mc_dropout),
             nn.Linear(4096, num_classes),
         )
-        unit_norm_truncnormal_(self, _init_std(wbits, abits))
+        seed_init_(self, _init_std(wbits, abits))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(self.normalize(x)))

@@ -1,4 +1,4 @@
-"""Seed A's MNIST family (Galloway et al. / QNN defense-and-detection): FP, BNN, k-bit QNN, randomized BNN.
+"""QNN-defense's MNIST family (after Galloway et al.): FP, BNN, k-bit QNN, randomized BNN.
 
 All variants end in Dropout - FC256 - ReLU - Dropout - FC10, with the dropout optionally kept on at
 inference (``mc_dropout=True``), which is what the seed's detection relies on. By default everything is
@@ -121,26 +121,29 @@ def _build(scheme: str, bits: int, dropout: float, mc_dropout: bool, **opts) -> 
                     **opts)
 
 
-@register_model("qnn_fp", input_shape=(1, 28, 28), description="seed A full-precision MNIST net")
+@register_model("qnn_fp", input_shape=(1, 28, 28), description="QNN-defense full-precision MNIST net")
 def qnn_fp(*, dropout: float = 0.0, mc_dropout: bool = True, init: str = "seed") -> nn.Module:
     return _build("fp", 32, dropout, mc_dropout, init=init)
 
 
-@register_model("qnn_bnn", input_shape=(1, 28, 28), description="seed A binarized net (sign weights/acts)")
+@register_model("qnn_bnn", input_shape=(1, 28, 28),
+                description="QNN-defense binarized net (sign weights/acts)")
 def qnn_bnn(*, dropout: float = 0.0, mc_dropout: bool = True, sign_ste: str = "clip", bn_scale: bool = False,
             bn_momentum: float = TF_BN_MOMENTUM, init: str = "seed") -> nn.Module:
     return _build("bnn", 32, dropout, mc_dropout, sign_ste=sign_ste, bn_scale=bn_scale,
                   bn_momentum=bn_momentum, init=init)
 
 
-@register_model("qnn_kbit", input_shape=(1, 28, 28), description="seed A k-bit QNN (2^k+1 levels on [-1,1])")
+@register_model("qnn_kbit", input_shape=(1, 28, 28),
+                description="QNN-defense k-bit QNN (2^k+1 levels on [-1,1])")
 def qnn_kbit(*, bits: int = 4, dropout: float = 0.0, mc_dropout: bool = True, kbit_ste: str = "clip",
              bn_scale: bool = False, bn_momentum: float = TF_BN_MOMENTUM, init: str = "seed") -> nn.Module:
     return _build("kbit", bits, dropout, mc_dropout, kbit_ste=kbit_ste, bn_scale=bn_scale,
                   bn_momentum=bn_momentum, init=init)
 
 
-@register_model("qnn_rbnn", input_shape=(1, 28, 28), description="seed A randomized BNN (stochastic weights)")
+@register_model("qnn_rbnn", input_shape=(1, 28, 28),
+                description="QNN-defense randomized BNN (stochastic weights)")
 def qnn_rbnn(*, dropout: float = 0.0, mc_dropout: bool = True, sign_ste: str = "clip",
              rand_grad: str = "none", bn_scale: bool = False, bn_momentum: float = TF_BN_MOMENTUM,
              init: str = "seed") -> nn.Module:

@@ -8,41 +8,40 @@ from torch import Tensor, nn
 from qrobust.quant.quantizers import Identity
 
 
-class QuantConv2d(nn.Conv2d):
+class _QuantHooks(nn.Module):
+    """The weight (and bias) quantizer and the input quantizer around a standard layer's op."""
+
+    weight: Tensor
+    bias: Tensor | None
+
+    def __init__(
+        self,
+        *args,
+        weight_quant: nn.Module | None = None,
+        input_quant: nn.Module | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.weight_quant = weight_quant if weight_quant is not None else Identity()
+        self.input_quant = input_quant if input_quant is not None else Identity()
+
+    def quantized(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The quantized input, weights and bias of one call."""
+        w = self.weight_quant(self.weight)  # weights, bias, then input: the order random quantizers draw in
+        b = self.weight_quant(self.bias) if self.bias is not None else None
+        return self.input_quant(x), w, b
+
+
+class QuantConv2d(_QuantHooks, nn.Conv2d):
     """Conv2d whose weights (and bias) pass through ``weight_quant``, its input through ``input_quant``."""
 
-    def __init__(
-        self,
-        *args,
-        weight_quant: nn.Module | None = None,
-        input_quant: nn.Module | None = None,
-        **kwargs,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self.weight_quant = weight_quant if weight_quant is not None else Identity()
-        self.input_quant = input_quant if input_quant is not None else Identity()
-
     def forward(self, x: Tensor) -> Tensor:
-        w = self.weight_quant(self.weight)
-        b = self.weight_quant(self.bias) if self.bias is not None else None
-        return self._conv_forward(self.input_quant(x), w, b)
+        x, w, b = self.quantized(x)
+        return self._conv_forward(x, w, b)
 
 
-class QuantLinear(nn.Linear):
+class QuantLinear(_QuantHooks, nn.Linear):
     """Linear layer with the same weight/input quantizer hooks as :class:`QuantConv2d`."""
 
-    def __init__(
-        self,
-        *args,
-        weight_quant: nn.Module | None = None,
-        input_quant: nn.Module | None = None,
-        **kwargs,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self.weight_quant = weight_quant if weight_quant is not None else Identity()
-        self.input_quant = input_quant if input_quant is not None else Identity()
-
     def forward(self, x: Tensor) -> Tensor:
-        w = self.weight_quant(self.weight)
-        b = self.weight_quant(self.bias) if self.bias is not None else None
-        return F.linear(self.input_quant(x), w, b)
+        return F.linear(*self.quantized(x))

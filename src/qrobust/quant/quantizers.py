@@ -158,7 +158,7 @@ class _SignClipGrad(torch.autograd.Function):
 class SignBinarizer(nn.Module):
     """sign(x) in {-1, +1} (sign(0) = +1) with a straight-through gradient.
 
-    ``ste="hardtanh"`` passes the gradient where |x| <= 1 (BinaryNet); ``ste="clip"`` is seed A's
+    ``ste="hardtanh"`` passes the gradient where |x| <= 1 (BinaryNet); ``ste="clip"`` is QNN-defense's
     override, which clips the upstream gradient to [-1, 1] regardless of x.
     """
 
@@ -181,7 +181,7 @@ class SignBinarizer(nn.Module):
 class _SeedAQuantizeSTE(torch.autograd.Function):
     """clip(round(x * s) / s, -1, 1); gradient where the rounded value lies in [-1, 1] (TF clip), else 0.
 
-    ``clip_grad``: seed A's ``Round`` gradient override clip(g, -1, 1) acts on the gradient of
+    ``clip_grad``: QNN-defense's ``Round`` gradient override clip(g, -1, 1) acts on the gradient of
     round(x * s), i.e. on g / s; scaled back by s, the gradient reaching x is clip(g, -s, s) (exact in
     floating point: s is a power of two). Without it the gradient is g itself (plain STE).
     """
@@ -204,7 +204,7 @@ SEED_A_STES = ("clip", "identity")
 
 
 class SeedAQuantizer(nn.Module):
-    """Seed A's k-bit quantizer: clip(round(x * 2^(k-1)) / 2^(k-1), -1, 1) -> 2^k + 1 levels on [-1, 1].
+    """QNN-defense's k-bit quantizer: clip(round(x * 2^(k-1)) / 2^(k-1), -1, 1) -> 2^k + 1 levels on [-1, 1].
 
     The clip keeps TensorFlow's gradient (passed on [-1, 1], boundaries included, unlike ``torch.clamp``),
     so a value rounded to exactly +-1 still gets a gradient. ``ste="clip"`` is the seed's: its ``Round``
@@ -261,7 +261,7 @@ class StochasticBinaryWeight(nn.Module):
 
     The backward pass uses the gradient of the expectation 2 * hard_sigmoid(w) - 1 (straight-through),
     which is what an EOT attack averages over. Pass ``generator`` for reproducible sampling.
-    ``grad="none"`` is seed A's actual behaviour: its Bernoulli sample (a comparison of uniforms with
+    ``grad="none"`` is QNN-defense's actual behaviour: its Bernoulli sample (a comparison of uniforms with
     the probabilities) has no gradient, so the latent weights never train; inputs still get gradients.
     """
 
@@ -288,7 +288,7 @@ class StochasticBinaryWeight(nn.Module):
 
 
 class ScaledReLU(nn.Module):
-    """ReLU(x) * alpha with a learnable scalar alpha (init 0.05): seed A's SReLU for randomized BNNs."""
+    """ReLU(x) * alpha with a learnable scalar alpha (init 0.05): QNN-defense's SReLU for randomized BNNs."""
 
     def __init__(self, init: float = 0.05) -> None:
         super().__init__()

@@ -85,28 +85,27 @@ def write_report(
         put("detection.csv", detection.csv())
         put("detection.json", json.dumps(detection.as_dict(), indent=2, sort_keys=True, default=str) + "\n")
 
-    figures: list[Path] = []
-    attacks: list[str] = []
-    for r in records:
-        if r.get("kind") == "attack" and r["attack"] not in attacks:
-            attacks.append(str(r["attack"]))
-    flagged = sanity.flagged_rows()
-    for label in attacks:
-        p = plots.accuracy_vs_eps(records, label, out / f"acc_vs_eps_{plots.slug(label)}.png", masked=flagged)
-        if p is not None:
-            figures.append(p)
-    p = plots.roc_curves(records, out / "roc.png")
-    if p is not None:
-        figures.append(p)
-    cols = columns if columns is not None else _columns_from(summary)
-    p = plots.robustness_vs_bits(records, cols, out / "robustness_vs_bits.png")
-    if p is not None:
-        figures.append(p)
+    figures = _figures(records, out, sanity, columns if columns is not None else _columns_from(summary))
 
     report = Report(out, summary, detection, sanity, files, figures)
     put("report.md", _markdown_page(report, meta, title))
     put("index.html", _html_page(report, meta, title))
     return report
+
+
+def _figures(records: Sequence[Record], out: Path, sanity: SanityReport,
+             columns: Sequence[tuple[str, float | None]]) -> list[Path]:
+    """Accuracy-vs-eps per attack (sanity-flagged rows masked), ROC curves, robustness vs bits."""
+    attacks: list[str] = []
+    for r in records:
+        if r.get("kind") == "attack" and r["attack"] not in attacks:
+            attacks.append(str(r["attack"]))
+    flagged = sanity.flagged_rows()
+    figures = [plots.accuracy_vs_eps(records, a, out / f"acc_vs_eps_{plots.slug(a)}.png", masked=flagged)
+               for a in attacks]
+    figures.append(plots.roc_curves(records, out / "roc.png"))
+    figures.append(plots.robustness_vs_bits(records, columns, out / "robustness_vs_bits.png"))
+    return [f for f in figures if f is not None]
 
 
 def _columns_from(summary: Table) -> list[tuple[str, float | None]]:

@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=2 python benchmarks/bench_mc.py
 
 Each variant runs in a fresh subprocess (so its peak resident memory is its own); the ratio is measured
-in one invocation. Models are seed A's MNIST nets with randomly initialised weights (the cost does not
+in one invocation. Models are QNN-defense's MNIST nets with randomly initialised weights (the cost does not
 depend on the weights). Writes the section "mc" of docs/benchmarks.md.
 """
 
@@ -140,7 +140,7 @@ def main() -> int:
         "",
         f"T = {args.mc} stochastic passes over {args.n} MNIST-sized inputs (batches of 100 inputs for the "
         "loops; "
-        f"batched: about 1000 / T inputs per chunk), seed A's nets with random weights, CPU, "
+        f"batched: about 1000 / T inputs per chunk), QNN-defense's nets with random weights, CPU, "
         f"{threads} thread(s), best of {args.repeats}; each variant in its own process (peak RSS = process "
         "peak resident set; + = growth during the measurement). Machine shared with other jobs, so absolute "
         "times are noisy; the ratios come from one invocation.",

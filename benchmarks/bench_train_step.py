@@ -48,12 +48,12 @@ class Variant:
     smoothing: float = 0.0
 
 
-# The recipes' batch sizes: EMPIR 128 (CIFAR with label smoothing 0.1), seed A 64.
+# The recipes' batch sizes: EMPIR 128 (CIFAR with label smoothing 0.1), QNN-defense 64.
 VARIANTS = {
     "MNISTconv FP": Variant("mnistconv"),
     "MNISTconv a4w2": Variant("mnistconv", {"wbits": 2, "abits": 4}),
-    "seed A FP": Variant("qnn_fp", {"dropout": 0.0}, batch=64),
-    "seed A 4-bit + dropout 0.5": Variant("qnn_kbit", {"bits": 4, "dropout": 0.5}, batch=64),
+    "QNN-defense FP": Variant("qnn_fp", {"dropout": 0.0}, batch=64),
+    "QNN-defense 4-bit + dropout 0.5": Variant("qnn_kbit", {"bits": 4, "dropout": 0.5}, batch=64),
     "CIFARconv a2w2": Variant("cifarconv", {"wbits": 2, "abits": 2}, smoothing=0.1),
 }
 

@@ -1,11 +1,11 @@
-"""Render seed A's Monte-Carlo dropout detection rows (MNIST) beside ours, from a ``qrobust run`` store.
+"""Render QNN-defense's Monte-Carlo dropout detection rows (MNIST) beside ours, from a ``qrobust run`` store.
 
     qrobust run configs/qnn_detection_mnist.toml --data-root ../shared/data    # computes (cached, resumable)
     python scripts/reproduce_qnn_detection.py [--run runs/qnn_detection_mnist] [--out FILE]
 
 The protocol (models, attacks and their adaptive versions, images, Monte-Carlo passes, seeds) is the
 config's; the SQLite store of that run is the only cache. This script computes nothing: it reads the
-newest detection record of each cell, puts seed A's logged numbers beside them, draws one ROC figure per
+newest detection record of each cell, puts QNN-defense's logged numbers beside them, draws one ROC figure per
 model from the stored curves, and writes docs/results/qnn_detection.md stamped with the command, date and
 code version. Every sentence about the results is generated from the numbers on the page.
 """
@@ -26,7 +26,7 @@ from qrobust.utils import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "docs" / "results" / "qnn_detection.md"
-# Seed A's logged rows (500 MNIST test images; shared/spec/seed-systems.md "Logged results"), keyed by
+# QNN-defense's logged rows (500 MNIST test images; shared/spec/seed-systems.md "Logged results"), keyed by
 # (recipe, attack label of configs/qnn_detection_mnist.toml): clean %, adversarial %, "LR" detection score %.
 SEED: dict[tuple[str, str], dict[str, Any]] = {
     ("qnn_5bit_d05", "FGSM"): {"clean": 97.8, "adv": 60.0, "unc": "1.98e-3 → 1.33e-2", "lr": 78.2},
@@ -39,12 +39,12 @@ SEED: dict[tuple[str, str], dict[str, Any]] = {
     ("qnn_rbnn", "JSMA"): {"clean": 85.6, "adv": 47.0, "lr": 76.0},
 }
 PROTOCOL = """
-- Seed A's protocol, as the config runs it: the first n MNIST test images (column n); untargeted attacks
+- QNN-defense's protocol, as the config runs it: the first n MNIST test images (column n); untargeted attacks
   with the model's own prediction (one stochastic pass) as labels; then T Monte-Carlo passes on clean and
   adversarial inputs (generators seeded 1 and 2). *single* = accuracy of one pass (mean over the T
-  passes), *group* = argmax of the summed softmaxes. Uncertainty = seed A's score, the mean over classes
+  passes), *group* = argmax of the summed softmaxes. Uncertainty = QNN-defense's score, the mean over classes
   of the per-class variance of the softmax across passes.
-- **seed LR** = seed A's detection number as the seed computed it: TRAINING accuracy of a 1-D logistic
+- **seed LR** = QNN-defense's detection number as the seed computed it: TRAINING accuracy of a 1-D logistic
   regression on the variance, clean vs all attacked inputs (failed attacks included), no held-out data.
 - **Our detection metrics**: on a held-out half of the images (split by image with the run's seed, the
   raw variance is the score): ROC-AUC with a 95% bootstrap interval and TPR at 5% FPR, (a) clean vs every
@@ -168,7 +168,7 @@ def render(cfg: Any, records: dict, command: str, store: Path, out: Path) -> str
                   key=lambda r: (order.get(r["target"], 99),
                                  labels.index(r["attack"]) if r["attack"] in labels else 99))
     figs = figures(cfg, dets, out.parent / "figures")
-    lines = ["# Seed A reproduction: Monte-Carlo dropout detection of adversarial examples (MNIST)", "",
+    lines = ["# QNN-defense reproduction: Monte-Carlo dropout detection of adversarial examples (MNIST)", "",
              stamp(command, store, records), "", "## Results", "",
              "| model | attack | n | seed: clean / adv / LR | ours: clean single (group) | "
              "adv single (group) [95% CI of group] | uncertainty clean → adv | seed LR (train acc) | "

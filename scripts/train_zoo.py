@@ -151,7 +151,7 @@ def main() -> int:
             "so train time and img/s are upper and lower bounds of what an idle machine gives "
             "(`benchmarks/bench_train_step.py` measures speed). The a4w2 members were retrained with 25 "
             "epochs and cosine decay (6 constant-lr epochs had given 97.14 / 97.21%, 15 cosine epochs "
-            "98.49 / 98.38%), the seed A full-"
+            "98.49 / 98.38%), the QNN-defense full-"
             "precision models with 2-3 epochs and cosine decay (1 epoch had given 97.74%).",
             "",
             *rows,

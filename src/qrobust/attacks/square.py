@@ -132,14 +132,16 @@ class Square(Attack):
                 break
             new = self._propose(xa, ba, it, generator)
             new_obj, fooled = self._objective(model, new, ya)
-            queries[active] += 1
             keep = (new_obj < oa) | fooled
-            ba[keep], oa[keep] = new[keep], new_obj[keep]
+            ba = torch.where(keep.view(-1, 1, 1, 1), new, ba)
+            oa = torch.where(keep, new_obj, oa)
             if fooled.any():  # write back the finished images, keep attacking the rest
                 best[active] = ba
+                queries[active[fooled]] = it + 2
                 active, keep_on = active[~fooled], ~fooled
                 xa, ba, oa, ya = xa[keep_on], ba[keep_on], oa[keep_on], ya[keep_on]
         best[active] = ba
+        queries[active] = self.n_queries
         if self._queries is not None:
             self._queries = queries.cpu()
         return best
@@ -176,10 +178,11 @@ class Square(Attack):
 
     def _window(self, n: int, s: int, h: int, w: int, gen: torch.Generator, device: torch.device
                 ) -> tuple[Tensor, Tensor]:
-        """Row and column indices (n, s) of one random s x s window per image."""
+        """Row and column indices (n, s) of one random s x s window per image; as the authors' code, a
+        window never starts at the last possible row or column (unless it covers the whole side)."""
         corner = torch.rand(n, 2, generator=gen)
-        top = (corner[:, 0] * (h - s + 1)).long().clamp_(max=h - s)
-        left = (corner[:, 1] * (w - s + 1)).long().clamp_(max=w - s)
+        top = (corner[:, 0] * max(h - s, 1)).long()
+        left = (corner[:, 1] * max(w - s, 1)).long()
         span = torch.arange(s)
         return (top[:, None] + span).to(device), (left[:, None] + span).to(device)
 

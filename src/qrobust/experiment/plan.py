@@ -18,7 +18,7 @@ from qrobust.experiment.store import ResultStore, stable_hash
 
 # Version of the detection pipeline (MC sampling, statistics, held-out split, ROC): bump it when a
 # change alters detection results, so stored detection cells are recomputed and nothing else.
-# "2": seed A's protocol as `qrobust detect` runs it: labels = "pred" attacks label each batch themselves,
+# "2": QNN-defense's protocol as `qrobust detect` runs it: with labels = "pred" attacks label each batch,
 # Monte-Carlo passes from two generators (seed + 1 clean, seed + 2 adversarial) instead of one stream,
 # 1000 bootstrap resamples.
 DETECTION_VERSION = "2"

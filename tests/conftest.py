@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from qrobust.data import load_dataset
 
@@ -100,3 +101,15 @@ def trained_mnistconv_a4w2():
 def digits_test(digits):
     """First 200 embedded test digits as float tensors (x in [0, 1], y)."""
     return digits.test.head(200).tensors()
+
+
+class Counting(nn.Module):
+    """A model wrapper that counts forward calls (attack cost tests)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.inner(x)

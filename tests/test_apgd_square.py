@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import Counting
 from qrobust.attacks import APGD, APGDT, BIM, PGD, Scored, Square, create_attack
 from qrobust.attacks.losses import dlr_loss, dlr_targeted_loss, resolve_loss
 from qrobust.errors import QrobustError
@@ -30,16 +31,6 @@ def within(x_adv, x, eps, norm):
     d = (x_adv - x).flatten(1)
     size = d.abs().amax(1) if norm == "Linf" else d.norm(dim=1)
     return bool((size <= eps + 1e-5).all() and x_adv.min() >= 0 and x_adv.max() <= 1)
-
-
-class Counting(nn.Module):
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner, self.calls = inner, 0
-
-    def forward(self, x):
-        self.calls += 1
-        return self.inner(x)
 
 
 # -- losses: the paper's closed forms --

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import require_peer
+from conftest import Counting, require_peer
 from qrobust.attacks import (
     BIM,
     CWL2,
@@ -125,16 +125,6 @@ def test_restarts_keep_first_success(trained_mnistconv, batch):
     assert three.sum() >= one.sum()
 
 
-class _Counting(nn.Module):
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner, self.calls = inner, 0
-
-    def forward(self, x):
-        self.calls += 1
-        return self.inner(x)
-
-
 def test_attacks_leave_model_mode_alone(trained_mnistconv, batch):
     x, _ = batch
     model = nn.Sequential(trained_mnistconv, nn.Dropout(0.1))
@@ -157,7 +147,7 @@ def test_eot_averages_gradient_over_passes(batch):
     torch.manual_seed(5)
     singles = [input_gradient(model, x[:8], y[:8], loss, samples=1)[0] for _ in range(4)]
     assert torch.allclose(g4, torch.stack(singles).mean(0), atol=1e-6)
-    counting = _Counting(model)
+    counting = Counting(model)
     PGD(steps=3, eot_samples=4)(counting, x[:8], y[:8])
     assert counting.calls == 12
     assert EOT(model, 3)(x[:2]).shape == (2, 10)

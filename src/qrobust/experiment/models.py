@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from qrobust.data import Dataset, load_dataset
+from qrobust.data import Dataset, data_digest, load_dataset
 from qrobust.errors import QrobustError
 from qrobust.experiment.config import ExperimentConfig, ModelSpec
 from qrobust.experiment.store import ResultStore, stable_hash
@@ -25,13 +25,8 @@ from qrobust.experiment.store import ResultStore, stable_hash
 Log = Callable[[str], None]
 
 
-def fingerprint(x: Tensor, y: Tensor) -> str:
-    """SHA-256 of the raw uint8 images and labels: what "the same data" means for the cache."""
-    h = hashlib.sha256()
-    h.update(str(tuple(x.shape)).encode())
-    h.update(x.contiguous().numpy().tobytes())
-    h.update(y.contiguous().numpy().tobytes())
-    return h.hexdigest()
+# the data identity of a cache key: the same digest as a training resume fingerprint
+fingerprint = data_digest
 
 
 def bits_label(config: dict[str, Any] | None) -> str:

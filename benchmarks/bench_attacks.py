@@ -36,7 +36,7 @@ def _setup(threads: int, data_path: str):
 
     from qrobust.checkpoint import load_checkpoint
     from qrobust.data import load_dataset
-    from qrobust.recipes import ensure_trained
+    from qrobust.zoo import ensure_trained
 
     torch.set_num_threads(threads)
     model, _ = load_checkpoint(ensure_trained("mnistconv_fp"))
@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reuse", help="log of an earlier run (one result dict per line): keep its results "
                                    "for the jobs not in --only and write the doc from the merged set")
     args = p.parse_args(argv)
-    from qrobust.recipes import ensure_trained
+    from qrobust.zoo import ensure_trained
 
     ensure_trained("mnistconv_fp")
     jobs = ["pgd_interleaved", "bare", "qrobust_pgd", "torchattacks_pgd", "qrobust_cw", "qrobust_cw_noabort",

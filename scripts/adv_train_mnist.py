@@ -23,13 +23,15 @@ from pathlib import Path
 
 import torch
 
-from qrobust.attacks import PGD, WorstCase
+from qrobust.attacks import PGD
 from qrobust.checkpoint import load_checkpoint, read_config
 from qrobust.data import load_dataset
 from qrobust.ensemble import Ensemble, ensemble_attack
 from qrobust.evaluate import evaluate_attack
-from qrobust.recipes import ensure_trained, get_recipe
+from qrobust.recipes import get_recipe
+from qrobust.suite import WorstCase
 from qrobust.utils import configure_logging, update_marked_section
+from qrobust.zoo import ensure_trained
 
 REPO = Path(__file__).resolve().parents[1]
 EMPIR_ADV = ("mnistconv_a4w2_m1_fgsmrs", "mnistconv_a4w2_m2_fgsmrs", "mnistconv_fp_fgsmrs")

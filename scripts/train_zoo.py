@@ -22,8 +22,9 @@ import torch
 from qrobust import zoo
 from qrobust.checkpoint import CONFIG, read_config
 from qrobust.evaluate import wilson_interval
-from qrobust.recipes import RECIPES, ensure_trained, matches
+from qrobust.recipes import RECIPES, matches
 from qrobust.utils import configure_logging, resolve_device, update_marked_section
+from qrobust.zoo import ensure_trained
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = {

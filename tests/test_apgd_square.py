@@ -96,32 +96,67 @@ def test_apgd_passes_and_eot(trained_mnistconv, batch):
 
 
 # -- Square vs torchattacks --
-@pytest.mark.parametrize("norm,eps,p_init,seeds", [("Linf", 0.1, 0.8, (0,)), ("L2", 2.0, 0.1, (0, 1, 2))])
-def test_square_at_least_as_strong_as_torchattacks(trained_mnistconv, digits_test, norm, eps, p_init, seeds):
+def square_vs_torchattacks(model, x, y, norm, eps, p_init, seeds, nq=100):
     """Robust accuracy no worse than torchattacks' + 0.01; for L2, whose single-seed results scatter by
     +-0.02 on 200 images, the mean over a few seeds of each (ours seed=s, theirs seed=s) is compared."""
-    x, y = digits_test
-    nq = 100
     ours, theirs = [], []
     for seed in seeds:
         square = Square(eps=eps, n_queries=nq, norm=norm, p_init=p_init, seed=seed)
-        adv, queries = square.run_counted(trained_mnistconv, x, y)
+        adv, queries = square.run_counted(model, x, y)
         # torchattacks spends an initial query plus n_queries: the same budget is n_queries - 1
-        ref = torchattacks.Square(trained_mnistconv, norm=norm, eps=eps, n_queries=nq - 1, p_init=p_init,
-                                  seed=seed)(x, y)
+        ref = torchattacks.Square(model, norm=norm, eps=eps, n_queries=nq - 1, p_init=p_init, seed=seed)(x, y)
         assert within(adv, x, eps, norm)
-        ours.append(robust_acc(trained_mnistconv, adv, y))
-        theirs.append(robust_acc(trained_mnistconv, ref, y))
+        ours.append(robust_acc(model, adv, y))
+        theirs.append(robust_acc(model, ref, y))
         # per-image early stop: a fooled image stopped querying (at the latest on the last query), an
         # unfooled one used the whole budget
         with torch.no_grad():
-            fooled = trained_mnistconv(adv).argmax(1) != y
+            fooled = model(adv).argmax(1) != y
         assert (queries[~fooled] == nq).all() and (queries[fooled] <= nq).all()
         assert (queries[fooled] < nq).float().mean() > 0.9
         assert queries.max() == nq and queries.min() >= 1
     mean_ours = sum(ours) / len(ours)
     assert mean_ours <= sum(theirs) / len(theirs) + 0.01, (ours, theirs)
-    assert mean_ours < robust_acc(trained_mnistconv, x, y) - 0.05  # the attack does something
+    assert mean_ours < robust_acc(model, x, y) - 0.05  # the attack does something
+
+
+@pytest.mark.parametrize("norm,eps,p_init,seeds", [("Linf", 0.1, 0.8, (0,)), ("L2", 2.0, 0.1, (0, 1, 2))])
+def test_square_at_least_as_strong_as_torchattacks(trained_mnistconv, digits_test, norm, eps, p_init, seeds):
+    x, y = digits_test
+    square_vs_torchattacks(trained_mnistconv, x, y, norm, eps, p_init, seeds)
+
+
+def colour_digits(split, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Digits as CIFAR-shaped 3 x 32 x 32 images: padded, a random colour for the digit and another for
+    the background, so the channels carry different signal."""
+    g = torch.Generator().manual_seed(seed)
+    x = nn.functional.pad(split.x.float() / 255, (2, 2, 2, 2))
+    fg = torch.rand(len(x), 3, 1, 1, generator=g) * 0.7 + 0.3
+    bg = torch.rand(len(x), 3, 1, 1, generator=g) * 0.5
+    return bg * (1 - x) + fg * x, split.y
+
+
+@pytest.fixture(scope="module")
+def colour_model(digits):
+    """A tiny 3-channel conv net trained 3 epochs on colour digits (~3 s, ~90% clean accuracy)."""
+    from qrobust.data import Split
+    from qrobust.train import TrainConfig, train
+
+    x, y = colour_digits(digits.train, 0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(32 * 8 * 8, 10))
+    train(model, Split((x * 255).round().to(torch.uint8), y, "train"), None,
+          TrainConfig(epochs=3, batch_size=64, seed=0))
+    return model.eval()
+
+
+def test_square_l2_on_colour_images_at_least_as_strong_as_torchattacks(colour_model, digits):
+    """Square-L2 moves perturbation mass between windows; on 3 channels, taking each window's mass per
+    channel (the authors' code) left 72.9% vs torchattacks' 71.5% here (6 seeds), the mass over all
+    channels 69.1%: qrobust takes the latter, and stays in the L2 ball."""
+    x, y = colour_digits(digits.test.head(200), 1)
+    square_vs_torchattacks(colour_model, x, y, "L2", 3.0, 0.1, (0, 1, 2))
 
 
 class Rounding(nn.Module):

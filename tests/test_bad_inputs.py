@@ -283,10 +283,10 @@ def test_resume_refuses_other_data_or_adversarial_settings(ws):
     """Interrupted after epoch 1 on a.npz, the same output with b.npz (or another training attack) must
     not resume a.npz's weights; with the same inputs it resumes exactly."""
     from qrobust.adversary import make_adversary, make_attack
-    from qrobust.checkpoint import train_state_dir, train_to_checkpoint
+    from qrobust.checkpoint import train_state_dir
     from qrobust.data import load_dataset
     from qrobust.models import create_model
-    from qrobust.train import TrainConfig
+    from qrobust.train import TrainConfig, train_to_checkpoint
 
     class Stop(Exception):
         pass

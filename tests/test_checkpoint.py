@@ -148,9 +148,9 @@ def test_train_to_checkpoint_resumes_an_interrupted_run_and_cleans_up(tmp_path, 
     """The one train-to-checkpoint path: killed after epoch 1, rerun finishes with the same weights."""
     from dataclasses import asdict
 
-    from qrobust.checkpoint import train_state_dir, train_to_checkpoint
+    from qrobust.checkpoint import train_state_dir
     from qrobust.data import Dataset
-    from qrobust.train import TrainConfig
+    from qrobust.train import TrainConfig, train_to_checkpoint
 
     data = Dataset(digits.train.head(128), digits.test.head(32), "digits")
     cfg = TrainConfig(epochs=2, batch_size=64, seed=0)
@@ -223,8 +223,7 @@ def test_training_refused_up_front_when_the_disk_is_too_full(tmp_path, digits, m
     import shutil
     from collections import namedtuple
 
-    from qrobust.checkpoint import train_to_checkpoint
-    from qrobust.train import TrainConfig
+    from qrobust.train import TrainConfig, train_to_checkpoint
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))

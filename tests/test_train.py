@@ -9,10 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from qrobust.adversary import smoothed_targets
+from qrobust.adversary import training_loss as _loss
 from qrobust.errors import QrobustError
 from qrobust.evaluate import accuracy, wilson_interval
 from qrobust.models import create_model
-from qrobust.train import TrainConfig, _loss, smoothed_targets, train
+from qrobust.train import TrainConfig, train
 
 
 def test_smoothed_targets_empir():

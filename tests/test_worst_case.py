@@ -6,13 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from qrobust.attacks import APGD, APGDT, Attack, Square, WorstCase, create_attack, worst_case
+from qrobust.attacks import APGD, APGDT, Attack, Square, create_attack
 from qrobust.attacks.losses import vote_scores
-from qrobust.attacks.worst_case import ENSEMBLE_SUITE
 from qrobust.ensemble import Ensemble, VoteView, on_target
 from qrobust.errors import QrobustError
 from qrobust.evaluate import accuracy, evaluate_attack
 from qrobust.models.common import MCDropout
+from qrobust.suite import ENSEMBLE_SUITE, WorstCase, worst_case
 
 FAST = {"steps": 10, "n_queries": 100, "n_target_classes": 2}
 
@@ -233,8 +233,8 @@ def test_cli_prints_and_writes_the_report(trained_mnistconv, tmp_path, capsys):
 
 def test_eot_loss_is_the_mean_loss_over_the_same_copies(trained_mnistconv, batch):
     from qrobust.attacks.losses import ce_loss
-    from qrobust.attacks.worst_case import MCCopies
     from qrobust.mc import log_mean_softmax
+    from qrobust.suite import MCCopies
 
     x, y = batch[0][:8], batch[1][:8]
     view = MCCopies(_Randomized(trained_mnistconv).eval(), 5)

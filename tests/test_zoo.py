@@ -12,7 +12,7 @@ from qrobust import recipes, zoo
 from qrobust.checkpoint import CONFIG, WEIGHTS, load_checkpoint
 from qrobust.cli import main
 from qrobust.errors import QrobustError
-from qrobust.models import create_model
+from qrobust.zoo import create_model
 
 
 def _tiny(**train):
@@ -25,7 +25,7 @@ def zoos(tmp_path, monkeypatch):
     """A pretrained zoo holding recipe 'tiny' with its SHA256SUMS, and an empty training cache."""
     monkeypatch.setitem(recipes.RECIPES, "tiny", _tiny())
     pre, cache = tmp_path / "zoo", tmp_path / "cache"
-    out = recipes.ensure_trained("tiny", zoo_dir=pre)
+    out = zoo.ensure_trained("tiny", zoo_dir=pre)
     zoo.record_sums(pre, "tiny")
     monkeypatch.setenv(zoo.ENV, str(pre))
     monkeypatch.chdir(tmp_path)  # the default cache (artifacts/zoo) is then inside tmp_path
@@ -48,7 +48,7 @@ def test_every_spelling_resolves_to_the_pretrained_checkpoint(zoos):
     assert zoo.resolve_checkpoint("tiny", zoo_dir=cache) == out
     assert zoo.resolve_checkpoint(str(out)) == out  # a folder is itself
     # ensure_trained finds it too instead of training into its cache
-    assert recipes.ensure_trained("tiny", zoo_dir=cache) == out and not cache.exists()
+    assert zoo.ensure_trained("tiny", zoo_dir=cache) == out and not cache.exists()
     model = create_model("tiny", pretrained=True)
     ref, _ = load_checkpoint(out)
     x = torch.rand(3, 1, 28, 28)
@@ -68,7 +68,7 @@ def test_tampered_file_is_refused(zoos, victim):
     blob[-2] ^= 0x01  # one bit; config.json stays valid JSON (its last chars are '}\n')
     path.write_bytes(bytes(blob))
     for call in (lambda: zoo.resolve_checkpoint("zoo:tiny"), lambda: create_model("tiny", pretrained=True),
-                 lambda: recipes.ensure_trained("tiny", zoo_dir=pre.parent / "cache")):
+                 lambda: zoo.ensure_trained("tiny", zoo_dir=pre.parent / "cache")):
         with pytest.raises(QrobustError, match=f"tiny/{victim} does not match its SHA-256"):
             call()
 
@@ -102,7 +102,7 @@ def test_stale_pretrained_checkpoint_is_skipped(zoos, monkeypatch, caplog):
 def test_training_into_a_zoo_with_sums_keeps_them_current(zoos, monkeypatch):
     pre, _, out = zoos
     monkeypatch.setitem(recipes.RECIPES, "tiny2", _tiny(seed=1))
-    other = recipes.ensure_trained("tiny2", zoo_dir=pre)
+    other = zoo.ensure_trained("tiny2", zoo_dir=pre)
     sums = zoo.read_sums(pre)
     assert {"tiny/model.safetensors", "tiny2/model.safetensors", "tiny2/config.json"} <= set(sums)
     assert zoo.resolve_checkpoint("zoo:tiny2") == other

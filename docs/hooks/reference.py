@@ -81,13 +81,15 @@ def cli_markdown() -> str:
 
 def attack_params_markdown() -> str:
     """One row per registered attack: its class and the settings it accepts, with their defaults."""
-    from qrobust.attacks import ATTACKS, attack_params
+    from qrobust.attacks import attack_class, attack_names, attack_params
 
     out = ["| name | class | settings (defaults) |", "|---|---|---|"]
-    for name, cls in ATTACKS.items():
+    for name in attack_names():
+        cls = attack_class(name)
+        home = "qrobust.attacks" if cls.__module__.startswith("qrobust.attacks") else cls.__module__
         params = ", ".join(f"`{k}={v!r}`" if v is not inspect.Parameter.empty else f"`{k}`"
                            for k, v in attack_params(name).items())
-        out.append(f"| `{name}` | [`{cls.__name__}`](#qrobust.attacks.{cls.__name__}) | {params} |")
+        out.append(f"| `{name}` | [`{cls.__name__}`](#{home}.{cls.__name__}) | {params} |")
     return "\n".join(out) + "\n"
 
 

@@ -22,14 +22,13 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from qrobust.errors import QrobustError
-
-__version__ = "0.1.0"
+from qrobust.version import __version__
 
 # name -> module that defines it (its one home). The TYPE_CHECKING block below lists the same imports
 # for type checkers and IDEs; tests/test_docs.py checks that both agree with __all__.
 _EXPORTS: dict[str, str] = {
     # models, checkpoints, the zoo, data, training
-    "create_model": "qrobust.models",
+    "create_model": "qrobust.zoo",
     "list_models": "qrobust.models",
     "load_checkpoint": "qrobust.checkpoint",
     "save_checkpoint": "qrobust.checkpoint",
@@ -37,7 +36,7 @@ _EXPORTS: dict[str, str] = {
     "RECIPES": "qrobust.recipes",
     "load_dataset": "qrobust.data",
     "TrainConfig": "qrobust.train",
-    "train_to_checkpoint": "qrobust.checkpoint",
+    "train_to_checkpoint": "qrobust.train",
     "resolve_device": "qrobust.utils",
     # attacks
     "Attack": "qrobust.attacks",
@@ -58,9 +57,9 @@ _EXPORTS: dict[str, str] = {
     "DetectorAwarePGD": "qrobust.attacks",
     "OnView": "qrobust.attacks",
     "on_mc_mean": "qrobust.attacks",
-    "WorstCase": "qrobust.attacks",
-    "WorstCaseReport": "qrobust.attacks",
-    "worst_case": "qrobust.attacks",
+    "WorstCase": "qrobust.suite",
+    "WorstCaseReport": "qrobust.suite",
+    "worst_case": "qrobust.suite",
     # ensembles (EMPIR) and their threat models
     "Ensemble": "qrobust.ensemble",
     "THREAT_MODELS": "qrobust.ensemble",
@@ -109,25 +108,23 @@ if TYPE_CHECKING:  # pragma: no cover - what type checkers and IDEs see; the sam
         OnView,
         RandomEpsFGSM,
         Square,
-        WorstCase,
-        WorstCaseReport,
         attack_params,
         create_attack,
         on_mc_mean,
-        worst_case,
     )
-    from qrobust.checkpoint import load_checkpoint, save_checkpoint, train_to_checkpoint
+    from qrobust.checkpoint import load_checkpoint, save_checkpoint
     from qrobust.data import load_dataset
     from qrobust.detect import DetectionReport, DetectionRun, evaluate_detection, roc_points, run_detection
     from qrobust.ensemble import THREAT_MODELS, Ensemble, ensemble_attack, on_target
     from qrobust.evaluate import AttackResult, accuracy, evaluate_attack, predict, wilson_interval
     from qrobust.experiment import ExperimentConfig, RunSummary, load_config, run_experiment
     from qrobust.mc import MCAverage, MCView, mc_logits, mc_probs
-    from qrobust.models import create_model, list_models
+    from qrobust.models import list_models
     from qrobust.recipes import RECIPES
-    from qrobust.train import TrainConfig
+    from qrobust.suite import WorstCase, WorstCaseReport, worst_case
+    from qrobust.train import TrainConfig, train_to_checkpoint
     from qrobust.utils import resolve_device
-    from qrobust.zoo import resolve_checkpoint
+    from qrobust.zoo import create_model, resolve_checkpoint
 
 
 def load(name_or_path: str | os.PathLike, device: torch.device | str = "cpu", *,

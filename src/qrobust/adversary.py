@@ -37,10 +37,23 @@ from qrobust.attacks import FGSM, PGD, Attack, RandomEpsFGSM
 from qrobust.attacks.eot import input_gradient
 from qrobust.data import Split
 from qrobust.errors import QrobustError
-from qrobust.train import Adversary, TrainConfig, _loss
+from qrobust.train_config import ADV_METHODS, Adversary, TrainConfig
 
 KINDS = ("fgsm", "fgsm-random", "pgd")
-METHODS = ("fgsm_rs", "pgd", "trades", "fgsm", "fgsm_random")
+
+
+def smoothed_targets(y: Tensor, num_classes: int, smoothing: float) -> Tensor:
+    """EMPIR's label smoothing: one-hot clipped to [s / (K - 1), 1 - s]."""
+    low = smoothing / (num_classes - 1)
+    return F.one_hot(y, num_classes).float().clamp(low, 1.0 - smoothing)
+
+
+def training_loss(logits: Tensor, y: Tensor, smoothing: float) -> Tensor:
+    """Cross-entropy with EMPIR's label smoothing: the clean objective, and each method's loss on x_adv."""
+    if smoothing == 0:
+        return F.cross_entropy(logits, y)
+    target = smoothed_targets(y, logits.shape[1], smoothing)
+    return -(target * F.log_softmax(logits, 1)).sum(1).mean()
 
 
 def make_attack(kind: str, *, eps: float = 0.3, alpha: float = 0.01, steps: int = 40,
@@ -123,11 +136,11 @@ class Objective:
         x_adv = _in_eval(model, self.perturb, model, x, y)
         w, smoothing = self.config.adv_weight, self.config.label_smoothing
         adv_logits = model(x_adv)
-        loss = _loss(adv_logits, y, smoothing)
+        loss = training_loss(adv_logits, y, smoothing)
         if w == 1.0:
             return loss, adv_logits.detach()
         logits = model(x)
-        return (1 - w) * _loss(logits, y, smoothing) + w * loss, logits.detach()
+        return (1 - w) * training_loss(logits, y, smoothing) + w * loss, logits.detach()
 
 
 class AttackObjective(Objective):
@@ -155,7 +168,7 @@ def trades_loss(logits_clean: Tensor, logits_adv: Tensor, y: Tensor, beta: float
                 smoothing: float = 0.0) -> Tensor:
     """Zhang et al. (2019) eq. 5: ``CE(f(x), y) + beta mean KL(f(x) || f(x'))``; gradients flow through
     both arguments of the KL, as in their reference code."""
-    return _loss(logits_clean, y, smoothing) + beta * trades_kl(logits_clean, logits_adv).mean()
+    return training_loss(logits_clean, y, smoothing) + beta * trades_kl(logits_clean, logits_adv).mean()
 
 
 class TradesObjective(Objective):
@@ -201,7 +214,7 @@ def make_objective(config: TrainConfig, generator: torch.Generator) -> Objective
         attack = RandomEpsFGSM(scale=c.adv_scale, eps=c.adv_eps)
         attack.cap = attack.eps  # type: ignore[attr-defined]  # the draw's cap: min(eps, 2 * scale)
     else:
-        raise QrobustError(f"unknown adversarial training method {m!r}; use one of {', '.join(METHODS)}")
+        raise QrobustError(f"unknown adversarial training method {m!r}; use one of {', '.join(ADV_METHODS)}")
     return AttackObjective(c, generator, attack)
 
 

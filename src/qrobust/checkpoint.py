@@ -3,8 +3,7 @@
 The JSON records how to rebuild the model (registry name and options), the SHA-256 of the
 weights, and what produced them. A checkpoint directory is written to a temporary sibling and
 renamed into place, so a crash never leaves half a checkpoint, and an existing one is only
-replaced when the caller asks for it. :func:`train_to_checkpoint` is the one way to train a model
-into a checkpoint (CLI, recipes, experiments): train resumably, save atomically, drop the train state.
+replaced when the caller asks for it. :func:`qrobust.train.train_to_checkpoint` trains into one.
 """
 
 from __future__ import annotations
@@ -15,8 +14,6 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,14 +23,12 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-import qrobust
 from qrobust.errors import QrobustError
 from qrobust.models import create_model
-from qrobust.utils import check_free_space, show_progress
+from qrobust.version import __version__
 
 if TYPE_CHECKING:
     from qrobust.data import Dataset, Split
-    from qrobust.train import Adversary, EpochRecord, TrainConfig, TrainResult
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -121,7 +116,7 @@ def save_checkpoint(directory: str | os.PathLike, model: nn.Module, info: dict[s
         config = {
             **(info or {}),  # first, so caller info can never shadow the fields below
             "format": FORMAT,
-            "qrobust_version": qrobust.__version__,
+            "qrobust_version": __version__,
             "model": cfg,
             "weights_sha256": hashlib.sha256(blob).hexdigest(),
         }
@@ -256,7 +251,7 @@ def load_checkpoint(directory: str | os.PathLike, device: torch.device | str = "
                            "it came from")
     spec = config["model"]
     model = create_model(spec["name"], **spec.get("kwargs", {}))
-    size, need = weights.stat().st_size, _checkpoint_bytes(model)
+    size, need = weights.stat().st_size, checkpoint_bytes(model)
     if size > need + _MAX_HEADER:  # never read gigabytes that cannot be this model's weights
         raise QrobustError(f"{weights} is {size / 2**20:.0f} MB but the weights of {spec['name']} take "
                            f"{need / 2**20:.0f} MB; it is not this checkpoint's weights file. Retrain or "
@@ -319,7 +314,7 @@ def check_model_data(model: nn.Module, data: Dataset) -> None:
         check_labels(model, split, classes)
 
 
-def _checkpoint_bytes(model: nn.Module, *, with_state: bool = False) -> int:
+def checkpoint_bytes(model: nn.Module, *, with_state: bool = False) -> int:
     """Disk a checkpoint needs; the train state adds Adam's two moments and a copy being replaced."""
     n = sum(v.numel() * v.element_size() for v in model.state_dict().values())
     return n * (5 if with_state else 1) + 2**20
@@ -329,39 +324,3 @@ def train_state_dir(directory: str | os.PathLike) -> Path:
     """Where an unfinished training of ``directory`` keeps its per-epoch state (a hidden sibling)."""
     directory = Path(directory).expanduser().resolve()  # `--out .` has no name until resolved
     return directory.parent / f".{directory.name}.train-state"
-
-
-def train_to_checkpoint(
-    directory: str | os.PathLike,
-    model: nn.Module,
-    data: Dataset,
-    config: TrainConfig,
-    *,
-    test: Split | None = None,
-    info: dict[str, Any] | None = None,
-    device: torch.device | str = "cpu",
-    adversary: Adversary | None = None,
-    progress: bool = False,
-    on_epoch: Callable[[EpochRecord], None] | None = None,
-    overwrite: bool = False,
-) -> TrainResult:
-    """Train ``model`` on ``data.train`` and save it as checkpoint ``directory``.
-
-    Interrupted? Call again with the same arguments: training resumes from the last finished epoch
-    (state in :func:`train_state_dir`, removed once the checkpoint is written). ``test`` (default
-    ``data.test``) gives the per-epoch test accuracy. ``info`` goes into ``config.json``; its
-    ``train`` entry, if any, replaces the recorded training settings.
-    """
-    from qrobust.train import train
-
-    directory = check_checkpoint_target(directory, overwrite=overwrite)  # before hours of training
-    check_model_data(model, data)
-    check_free_space(directory.parent, _checkpoint_bytes(model, with_state=True), f"checkpoint {directory}")
-    test = data.test if test is None else test
-    state = train_state_dir(directory)
-    result = train(model, data.train, test, config, device=device, adversary=adversary, state_dir=state,
-                   progress=show_progress(progress), on_epoch=on_epoch)
-    record = {"train": asdict(config), **(info or {}), **result.as_dict(), "test_samples": len(test)}
-    save_checkpoint(directory, model, record, overwrite=overwrite)
-    shutil.rmtree(state, ignore_errors=True)
-    return result

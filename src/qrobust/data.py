@@ -13,6 +13,7 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -270,12 +271,18 @@ def default_data_dir() -> Path:
 
 
 def load_dataset(spec: str, *, root: str | os.PathLike | None = None, download: bool = False,
-                 limit: int | None = None) -> Dataset:
+                 limit: int | None = None, image_size: int | None = None) -> Dataset:
     """Load ``digits``, ``mnist``, ``fashion-mnist``, ``cifar10``, a ``.npz`` path, or an ImageFolder folder.
 
     A named dataset is first looked up as ``<root>/<name>.npz`` (root defaults to
     ``$QROBUST_DATA_DIR``), then through torchvision (downloading only when ``download=True``).
+    ``image_size``: side of an ImageFolder tree's images (default 224, the seed's; e.g. 64 for the
+    reduced-resolution ``alexnet_small``); other sources have a fixed size and refuse it.
     """
+    if image_size is not None and not Path(spec).is_dir():
+        raise QrobustError(f"an image size applies to ImageFolder trees only; {spec!r} is not a folder")
+    if image_size is not None and image_size < 16:
+        raise QrobustError(f"image size must be at least 16 pixels, got {image_size}")
     if not spec:
         raise QrobustError("no dataset given; use digits, mnist, fashion-mnist, cifar10, a .npz path or a "
                            "folder")
@@ -291,10 +298,18 @@ def load_dataset(spec: str, *, root: str | os.PathLike | None = None, download: 
     if path.suffix == ".npz" or path.is_file():
         return load_npz(path)
     if path.is_dir():
-        return load_image_folder(path, limit=limit)
+        return load_image_folder(path, size=image_size or 224, limit=limit)
     raise QrobustError(f"dataset {spec!r} not found: no such file or folder; use one of {', '.join(NAMED)}, "
                        "the path of a Keras-style .npz file, or an ImageFolder directory (with train/ and "
                        "val/)")
+
+
+def folder_image_size(spec: str, input_shape: Any) -> int | None:
+    """The side an ImageFolder tree ``spec`` must be loaded at for a model of ``input_shape`` (C, H, W);
+    None for other sources (their size is fixed). Lets ``--data DIR`` follow the model's resolution."""
+    if not spec or not input_shape or not Path(spec).is_dir():
+        return None
+    return int(list(input_shape)[-1])
 
 
 def check_images(x: Tensor, expected_shape: tuple[int, ...] | None = None, what: str = "input") -> None:

@@ -264,19 +264,32 @@ class DetectionRun:
 
 
 def _attack_all(model: nn.Module, attack: Callable[..., Tensor], x: Tensor, y: Tensor, labels: str | None,
-                batch: int, progress: Callable[[int, int], None] | None) -> tuple[Tensor, Any]:
+                batch: int, seed: int, progress: Callable[[int, int], None] | None) -> tuple[Tensor, Any]:
+    """The adversarial inputs (and the attack result with ``labels``), batches sharded over the ranks."""
     if labels is not None:
         from qrobust.evaluate import evaluate_attack
 
         res = evaluate_attack(model, attack, x, y, labels=labels, batch_size=batch, keep_adv=True,
                               progress=progress)
         return res.x_adv, res
-    advs = []
-    for i in range(0, len(x), batch):
-        advs.append(attack(model, x[i : i + batch]).detach())
-        if progress is not None:
-            progress(min(i + batch, len(x)), len(x))
+    from qrobust.distributed import map_batches
+
+    advs = map_batches(lambda s, e: attack(model, x[s:e]).detach(), len(x), batch, seed=seed, device=x.device,
+                       progress=progress)
     return torch.cat(advs), None
+
+
+def mc_probs_batched(model: nn.Module, x: Tensor, samples: int, seed: int, batch: int) -> Tensor:
+    """:func:`~qrobust.mc.mc_probs` over batches of ``batch`` inputs, each from its own generator seeded by
+    ``(seed, batch index)`` (:func:`qrobust.distributed.batch_seed`): sharded over torchrun's ranks, the
+    passes of an input are the same on any number of processes."""
+    from qrobust.distributed import batch_seed, map_batches
+
+    def one(s: int, e: int) -> Tensor:
+        gen = torch.Generator().manual_seed(batch_seed(seed, s // batch))
+        return mc_probs(model, x[s:e], samples, generator=gen)
+
+    return torch.cat(map_batches(one, len(x), batch, device=x.device), dim=1)
 
 
 def run_detection(
@@ -300,23 +313,30 @@ def run_detection(
     ``labels=None``: each batch is attacked as ``attack(model, xb)``, with the attack's own labels (the
     model's prediction, or what a composed attack's view supplies) - QNN-defense's protocol, ``qrobust
     detect``. ``"pred"``/``"true"``: the attack runs through :func:`qrobust.evaluate.evaluate_attack`
-    (kept in ``attack_result``) - the experiment runner's protocol. The global RNG is seeded with
-    ``seed`` before attacking (dropout masks of single-pass attacks). The Monte-Carlo passes draw from
-    generators seeded ``seed + 1`` (clean) and ``seed + 2`` (adversarial), or, given ``mc_generator``,
-    from that one stream, clean inputs first. The model's mode is left as set (QNN-defense: ``eval()`` with
+    (kept in ``attack_result``) - the experiment runner's protocol. The global RNG is seeded from
+    ``(seed, batch index)`` (with ``labels``: the attack's seed) before each attack batch (dropout masks
+    of single-pass attacks). The
+    Monte-Carlo passes draw, batch by batch, from generators seeded ``(seed + 1, batch index)`` (clean)
+    and ``(seed + 2, batch index)`` (adversarial) (:func:`mc_probs_batched`), or, given ``mc_generator``,
+    from that one stream, clean inputs first. Batches of ``attack_batch`` inputs are sharded over the ranks
+    under torchrun (:mod:`qrobust.distributed`); ``mc_generator``'s single stream is not, and is computed
+    whole on every rank. The model's mode is left as set (QNN-defense: ``eval()`` with
     dropout kept on by ``MCDropout``).
     """
     if len(x) != len(y):
         raise QrobustError(f"{len(x)} images but {len(y)} labels")
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    x_adv, attack_result = _attack_all(model, attack, x, y, labels, attack_batch, progress)
+    x_adv, attack_result = _attack_all(model, attack, x, y, labels, attack_batch, seed, progress)
     t1 = time.perf_counter()
-    gens = (mc_generator, mc_generator) if mc_generator is not None else (
-        torch.Generator().manual_seed(seed + 1), torch.Generator().manual_seed(seed + 2))
-    if probs_clean is None:
-        probs_clean = mc_probs(model, x, samples, generator=gens[0])
-    probs_adv = mc_probs(model, x_adv, samples, generator=gens[1])
+    if mc_generator is not None:
+        if probs_clean is None:
+            probs_clean = mc_probs(model, x, samples, generator=mc_generator)
+        probs_adv = mc_probs(model, x_adv, samples, generator=mc_generator)
+    else:
+        if probs_clean is None:
+            probs_clean = mc_probs_batched(model, x, samples, seed + 1, attack_batch)
+        probs_adv = mc_probs_batched(model, x_adv, samples, seed + 2, attack_batch)
     t2 = time.perf_counter()
     report, per = evaluate_detection(probs_clean, probs_adv, y, seed=seed, bootstrap=bootstrap)
     d = (x_adv - x).flatten(1)

@@ -51,7 +51,7 @@ RULES = ("vote", "mean_softmax", "mean_logits")
 THREAT_MODELS = ("legacy", "adaptive", "adaptive_logits")
 COMBINES = ("mean_softmax", "mean_logits")
 ATTACK_NAMES = ("fgsm", "bim", "pgd", "cw", "jsma")  # the attacks EMPIR ran; each has a legacy target
-# Attacks that build every threat model's target themselves (qrobust.worst_case): their "target" is the
+# Attacks that build every threat model's target themselves (qrobust.suite): their "target" is the
 # ensemble as it is, whatever the mode (which then only labels the result row).
 WHOLE_ENSEMBLE_ATTACKS = ("worst_case",)
 FULL_PRECISION = 32

@@ -99,21 +99,57 @@ def _mean(values: Tensor, mask: Tensor) -> float:
     return values[mask].mean().item() if mask.any() else float("nan")
 
 
-def _goal(model: nn.Module, attack: Any, x: Tensor, y: Tensor, pred: Tensor, labels: str,
-          targets: Tensor | int | None) -> Tensor:
-    """What each image's attack aims at: the untargeted label (``pred`` or ``y``) or the target class."""
+def _goal_fn(model: nn.Module, attack: Any, x: Tensor, y: Tensor, labels: str,
+             targets: Tensor | int | None) -> Callable[[int, int, Tensor], Tensor]:
+    """``goal(start, stop, pred)``: what the images of a batch are attacked towards (the untargeted label,
+    ``pred`` or ``y``, or the target class). Random targets are drawn once for all images (seeded by
+    ``attack.seed``), so a batch's targets do not depend on which process attacks it."""
     from qrobust.attacks.base import random_targets
 
     if not getattr(attack, "targeted", False):
-        return pred if labels == "pred" else y
+        return (lambda s, e, pred: pred) if labels == "pred" else (lambda s, e, pred: y[s:e])
     if targets is None:
         with torch.no_grad():
             num_classes = model(x[:1]).shape[1]
         gen = torch.Generator().manual_seed(int(getattr(attack, "seed", 0)))
-        return random_targets(pred, num_classes, gen)
+        # random_targets adds a random shift in [1, C) to each label; draw the shifts of all images at once
+        shift = random_targets(torch.zeros(len(x), dtype=torch.long), num_classes, gen).to(x.device)
+        return lambda s, e, pred: (pred + shift[s:e]) % num_classes
     if isinstance(targets, int):
-        return torch.full_like(y, targets)
-    return targets.to(device=x.device, dtype=torch.long)
+        return lambda s, e, pred: torch.full_like(pred, targets)
+    goal = targets.to(device=x.device, dtype=torch.long)
+    return lambda s, e, pred: goal[s:e]
+
+
+def _attack_batches(model: nn.Module, attack: Callable[..., Tensor], x: Tensor,
+                    goal_of: Callable[[int, int, Tensor], Tensor], batch_size: int, keep_adv: bool,
+                    progress: Callable[[int, int], None] | None) -> dict[str, Tensor]:
+    """Per image: clean and adversarial predictions, goal, perturbation norms (and ``x_adv``).
+
+    The batches are sharded over torchrun's ranks (one process: all of them, in order) and the global
+    RNG is reseeded per batch from ``(attack.seed, batch index)``, so dropout masks drawn during a batch
+    do not depend on where it ran (:func:`qrobust.distributed.map_batches`).
+    """
+    from qrobust.distributed import cat_batches, map_batches
+
+    def batch(s: int, e: int) -> dict[str, Tensor]:
+        xb = x[s:e]
+        with torch.no_grad():
+            pred_b = model(xb).argmax(1)
+        goal_b = goal_of(s, e, pred_b)
+        adv = attack(model, xb, goal_b).detach()
+        with torch.no_grad():
+            out = {"pred": pred_b, "goal": goal_b, "pred_adv": model(adv).argmax(1)}
+        out["l0"], out["l2"], out["linf"] = perturbation_norms(xb, adv)
+        return out | ({"x_adv": adv} if keep_adv else {})
+
+    outs = map_batches(batch, len(x), batch_size, seed=int(getattr(attack, "seed", 0)), device=x.device,
+                       progress=progress)
+    if not outs:
+        empty = torch.empty(0, device=x.device)
+        return {"pred": empty.long(), "goal": empty.long(), "pred_adv": empty.long(), "l0": empty,
+                "l2": empty, "linf": empty} | ({"x_adv": x.clone()} if keep_adv else {})
+    return {k: cat_batches(outs, k) for k in outs[0]}
 
 
 def evaluate_attack(
@@ -145,20 +181,14 @@ def evaluate_attack(
         raise QrobustError(f"{len(x)} images but {len(y)} labels")
     y = y.to(x.device)
     targeted = bool(getattr(attack, "targeted", False))
-    pred = predict(model, x, batch_size)
-    goal = _goal(model, attack, x, y, pred, labels, targets)
-    advs = []
     t0 = time.perf_counter()
-    for i in range(0, len(x), batch_size):
-        advs.append(attack(model, x[i : i + batch_size], goal[i : i + batch_size]).detach())
-        if progress is not None:
-            progress(min(i + batch_size, len(x)), len(x))
+    per = _attack_batches(model, attack, x, _goal_fn(model, attack, x, y, labels, targets), batch_size,
+                          keep_adv, progress)
     seconds = time.perf_counter() - t0
-    x_adv = torch.cat(advs) if advs else x.clone()
-    pred_adv = predict(model, x_adv, batch_size)
+    pred, goal, pred_adv, l0, l2, linf = (per[k] for k in ("pred", "goal", "pred_adv", "l0", "l2", "linf"))
+    x_adv = per.get("x_adv")
     attacked = (pred != goal) if targeted else (pred == goal)
     success = attacked & ((pred_adv == goal) if targeted else (pred_adv != goal))
-    l0, l2, linf = perturbation_norms(x, x_adv)
     n, n_att = len(x), int(attacked.sum())
     clean_ok, adv_ok, n_succ = int((pred == y).sum()), int((pred_adv == y).sum()), int(success.sum())
     return AttackResult(
@@ -173,5 +203,5 @@ def evaluate_attack(
         seconds=seconds,
         clean_ci95=wilson_interval(clean_ok, n), adversarial_ci95=wilson_interval(adv_ok, n),
         success_ci95=wilson_interval(n_succ, n_att),
-        x_adv=x_adv if keep_adv else None, targets=goal if targeted else None, adv_correct=pred_adv == y,
+        x_adv=x_adv, targets=goal if targeted else None, adv_correct=pred_adv == y,
     )

@@ -1,5 +1,8 @@
 """Training loop (Adam), with EMPIR label smoothing, optional adversarial training, and resume.
 
+:func:`train_to_checkpoint` is the one way to train a model into a checkpoint (CLI, recipes, experiments):
+train resumably, save atomically, drop the train state.
+
 Deterministic for a given seed on a given device. With ``state_dir`` the loop saves its full
 state (weights, optimizer, RNG, history) after every epoch, atomically, and resumes from it.
 """
@@ -9,138 +12,32 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from qrobust.data import Split
+from qrobust.adversary import setup_training, training_loss
+from qrobust.checkpoint import (
+    check_checkpoint_target,
+    check_model_data,
+    checkpoint_bytes,
+    save_checkpoint,
+    train_state_dir,
+)
+from qrobust.data import Dataset, Split
 from qrobust.errors import QrobustError
 from qrobust.evaluate import accuracy
-from qrobust.utils import atomic_write_json
-
-Adversary = Callable[[nn.Module, Tensor, Tensor], Tensor]
-
-
-LR_SCHEDULES = ("constant", "cosine", "cyclic")
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 15
-    batch_size: int = 128
-    lr: float = 1e-3
-    adam_eps: float = 1e-8
-    seed: int = 0
-    label_smoothing: float = 0.0
-    adv_start_epoch: int = 0  # QNN-defense: first 10 epochs clean, then (CE_clean + CE_adv) / 2
-    max_train: int | None = None  # use only the first N training images (quick runs)
-    lr_schedule: str = "constant"  # or "cosine": per-step cosine decay from lr to 0 over all epochs
-    adv_weight: float = 0.5  # weight of CE(x_adv): QNN-defense 0.5 = (CE_clean + CE_adv) / 2; Madry 1.0
-    channels_last: bool = False  # NHWC layout while training on CPU: faster, equal up to float rounding
-    # Adversarial training methods of qrobust.adversary ("" = none; see its docstring for each setting)
-    adv_method: str = ""  # fgsm_rs (Wong) | pgd (Madry) | trades | fgsm | fgsm_random (QNN-defense)
-    adv_eps: float = 0.3  # L-inf budget of the training attack
-    adv_alpha: float = 0.0  # attack step; 0 = the method's rule (fgsm_rs 1.25 eps, else 2.5 eps / steps)
-    adv_steps: int = 10  # attack steps of pgd and trades
-    adv_scale: float = 0.15  # fgsm_random: std of the half-normal per-example eps
-    adv_eps_ramp: float = 0.0  # grow eps (and step) linearly from 0 over this many epochs
-    trades_beta: float = 6.0  # TRADES' robust-term weight (Zhang et al.: 6)
-    co_guard: bool = False  # stop on catastrophic overfitting (PGD check on a held-out batch)
-    co_guard_drop: float = 0.2  # ... when its PGD accuracy falls this far below the best (Wong et al.: 0.2)
-    co_guard_every: int = 0  # ... checked every N optimizer steps (0: at each epoch end)
-    co_guard_samples: int = 256  # ... held-out training images (the last ones, not trained on)
-
-    def validate(self) -> None:
-        if self.epochs < 0:
-            raise QrobustError(f"epochs must be >= 0, got {self.epochs}")
-        if self.batch_size <= 0:
-            raise QrobustError(f"batch size must be positive, got {self.batch_size}")
-        if not self.lr > 0:
-            raise QrobustError(f"learning rate must be positive, got {self.lr}")
-        if not 0 <= self.label_smoothing < 1:
-            raise QrobustError(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.max_train is not None and self.max_train <= 0:
-            raise QrobustError(f"max_train must be positive, got {self.max_train}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise QrobustError(f"lr schedule must be one of {', '.join(LR_SCHEDULES)}, "
-                               f"got {self.lr_schedule!r}")
-        if not 0 < self.adv_weight <= 1:
-            raise QrobustError(f"adversarial loss weight must be in (0, 1], got {self.adv_weight}")
-        self._validate_adv()
-
-    def _validate_adv(self) -> None:
-        from qrobust.adversary import METHODS
-
-        if self.adv_method and self.adv_method not in METHODS:
-            raise QrobustError(f"adversarial training method must be one of {', '.join(METHODS)} (or empty "
-                               f"for none), got {self.adv_method!r}")
-        for name in ("adv_eps", "adv_alpha", "adv_scale", "adv_eps_ramp", "trades_beta"):
-            if not getattr(self, name) >= 0:
-                raise QrobustError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.adv_steps < 1 or self.co_guard_every < 0 or self.co_guard_samples < 1:
-            raise QrobustError(f"adv_steps and co_guard_samples must be >= 1 and co_guard_every >= 0, got "
-                               f"{self.adv_steps}, {self.co_guard_samples}, {self.co_guard_every}")
-        if not 0 < self.co_guard_drop <= 1:
-            raise QrobustError(f"co_guard_drop must be in (0, 1], got {self.co_guard_drop}")
-
-    def lr_at(self, step: int, total_steps: int) -> float:
-        """Learning rate of optimizer step ``step`` (0-based); a function of position so resume is exact."""
-        if self.lr_schedule == "cosine" and total_steps > 0:
-            return 0.5 * self.lr * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
-        if self.lr_schedule == "cyclic" and total_steps > 0:  # Wong et al.: 0 -> lr at 2/5 of training -> 0
-            t = min(step + 1, total_steps) / total_steps
-            return self.lr * (t / 0.4 if t <= 0.4 else (1.0 - t) / 0.6)
-        return self.lr
-
-
-@dataclass
-class EpochRecord:
-    epoch: int
-    loss: float
-    train_accuracy: float
-    test_accuracy: float
-    seconds: float
-    images_per_second: float
-
-
-@dataclass
-class TrainResult:
-    history: list[EpochRecord] = field(default_factory=list)
-    co_guard: dict[str, Any] | None = None  # the catastrophic-overfitting guard's checks (qrobust.adversary)
-
-    @property
-    def test_accuracy(self) -> float:
-        return self.history[-1].test_accuracy if self.history else float("nan")
-
-    @property
-    def seconds(self) -> float:
-        return sum(r.seconds for r in self.history)
-
-    def as_dict(self) -> dict[str, Any]:
-        out = {"history": [asdict(r) for r in self.history], "test_accuracy": self.test_accuracy,
-               "train_seconds": self.seconds}
-        return out if self.co_guard is None else {**out, "co_guard": self.co_guard}
-
-
-def smoothed_targets(y: Tensor, num_classes: int, smoothing: float) -> Tensor:
-    """EMPIR's label smoothing: one-hot clipped to [s / (K - 1), 1 - s]."""
-    low = smoothing / (num_classes - 1)
-    return F.one_hot(y, num_classes).float().clamp(low, 1.0 - smoothing)
-
-
-def _loss(logits: Tensor, y: Tensor, smoothing: float) -> Tensor:
-    if smoothing == 0:
-        return F.cross_entropy(logits, y)
-    target = smoothed_targets(y, logits.shape[1], smoothing)
-    return -(target * F.log_softmax(logits, 1)).sum(1).mean()
+from qrobust.train_config import Adversary, EpochRecord, TrainConfig, TrainResult
+from qrobust.utils import atomic_write_json, check_free_space, show_progress
+from qrobust.version import __version__
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -156,8 +53,6 @@ def _fingerprint(model: nn.Module, config: TrainConfig, data: Split | None = Non
     """What must not change between an interrupted run and its resumption (``epochs`` may grow): the
     model, every training setting, the training data (a hash of the arrays), the adversarial-training
     attack and the qrobust version. Anything else resumes someone else's run."""
-    import qrobust
-
     arch = getattr(model, "qrobust_config", None) or {
         "class": type(model).__name__, "shapes": {k: list(v.shape) for k, v in model.state_dict().items()}}
     # A constant learning rate lets a finished run be extended by more epochs; a schedule cannot.
@@ -168,7 +63,7 @@ def _fingerprint(model: nn.Module, config: TrainConfig, data: Split | None = Non
         name = getattr(attack, "__qualname__", type(attack).__qualname__)  # never a repr with an address
         adv = attack.config() if hasattr(attack, "config") else name
     return json.dumps({"model": arch, "train": settings, "data": None if data is None else data.digest(),
-                       "adversary": adv, "version": qrobust.__version__}, sort_keys=True, default=str)
+                       "adversary": adv, "version": __version__}, sort_keys=True, default=str)
 
 
 def _save_state(state_dir: Path, model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
@@ -257,12 +152,12 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tenso
         loss = None
     else:
         logits = model(x)
-        loss = _loss(logits, y, config.label_smoothing)
+        loss = training_loss(logits, y, config.label_smoothing)
     if adversary is not None:
         model.eval()
         x_adv = adversary(model, x, y).detach()
         model.train()
-        adv_loss = _loss(model(x_adv), y, config.label_smoothing)
+        adv_loss = training_loss(model(x_adv), y, config.label_smoothing)
         w = config.adv_weight
         loss = adv_loss if loss is None else (1 - w) * loss + w * adv_loss
     value = loss.item()
@@ -340,8 +235,6 @@ def train(
     data = train_split.head(config.max_train) if config.max_train else train_split
     objective = guard = None
     if config.adv_method or config.co_guard:  # imported here: qrobust.adversary imports this module
-        from qrobust.adversary import setup_training
-
         objective, guard, data = setup_training(config, data, gen, device, adversary)
     sdir = Path(state_dir) if state_dir is not None else None
     fingerprint = _fingerprint(model, config, data, adversary) if sdir is not None else ""
@@ -380,4 +273,38 @@ def train(
             break
     model.to(memory_format=torch.contiguous_format)
     model.eval()
+    return result
+
+
+def train_to_checkpoint(
+    directory: str | os.PathLike,
+    model: nn.Module,
+    data: Dataset,
+    config: TrainConfig,
+    *,
+    test: Split | None = None,
+    info: dict[str, Any] | None = None,
+    device: torch.device | str = "cpu",
+    adversary: Adversary | None = None,
+    progress: bool = False,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
+    overwrite: bool = False,
+) -> TrainResult:
+    """Train ``model`` on ``data.train`` and save it as checkpoint ``directory``.
+
+    Interrupted? Call again with the same arguments: training resumes from the last finished epoch
+    (state in :func:`train_state_dir`, removed once the checkpoint is written). ``test`` (default
+    ``data.test``) gives the per-epoch test accuracy. ``info`` goes into ``config.json``; its
+    ``train`` entry, if any, replaces the recorded training settings.
+    """
+    directory = check_checkpoint_target(directory, overwrite=overwrite)  # before hours of training
+    check_model_data(model, data)
+    check_free_space(directory.parent, checkpoint_bytes(model, with_state=True), f"checkpoint {directory}")
+    test = data.test if test is None else test
+    state = train_state_dir(directory)
+    result = train(model, data.train, test, config, device=device, adversary=adversary, state_dir=state,
+                   progress=show_progress(progress), on_epoch=on_epoch)
+    record = {"train": asdict(config), **(info or {}), **result.as_dict(), "test_samples": len(test)}
+    save_checkpoint(directory, model, record, overwrite=overwrite)
+    shutil.rmtree(state, ignore_errors=True)
     return result

@@ -7,7 +7,7 @@ in this order:
 1. the pretrained zoo: ``$QROBUST_ZOO`` if set, else ``zoo/`` of the source tree qrobust runs from
    (an editable install);
 2. the training cache (``artifacts/zoo`` in the working directory, or the experiment's ``zoo``), where
-   :func:`qrobust.recipes.ensure_trained` trains recipes.
+   :func:`ensure_trained` trains recipes.
 
 A zoo that has a ``SHA256SUMS`` file must list the recipe's files with matching hashes (a tampered
 file is refused); without one, the weight hash in ``config.json`` is what :func:`load_checkpoint`
@@ -21,15 +21,21 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-import qrobust
+from qrobust import models
 from qrobust.checkpoint import CONFIG, WEIGHTS, load_checkpoint
+from qrobust.data import load_dataset
 from qrobust.errors import QrobustError
+from qrobust.recipes import RECIPES, get_recipe, matches
+from qrobust.train import train_to_checkpoint
+from qrobust.train_config import EpochRecord, TrainConfig
 from qrobust.utils import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -44,7 +50,7 @@ def pretrained_dir() -> Path | None:
     env = os.environ.get(ENV)
     if env:
         return Path(env)
-    root = Path(qrobust.__file__).resolve().parents[2]  # src/qrobust/__init__.py -> repository
+    root = Path(__file__).resolve().parents[2]  # src/qrobust/zoo.py -> repository
     return root / "zoo" if (root / "pyproject.toml").is_file() else None
 
 
@@ -130,8 +136,6 @@ def verify(zoo: str | os.PathLike, name: str) -> None:
 
 def find_recipe(name: str, dirs: list[Path]) -> Path | None:
     """The first verified checkpoint of recipe ``name`` (trained with its current settings) in ``dirs``."""
-    from qrobust.recipes import get_recipe, matches
-
     recipe = get_recipe(name)
     for zoo in dirs:
         path = zoo / name
@@ -161,8 +165,6 @@ def resolve_checkpoint(
     ``flag`` prefixes error messages (e.g. ``--model_path``); ``hint`` ends the not-found message.
     ``zoo_dir`` replaces the training cache (searched after the pretrained zoo, trained into).
     """
-    from qrobust.recipes import RECIPES, get_recipe
-
     text = str(text)
     where = f"{flag} {text}: " if flag else ""
     if text.startswith(PREFIX):
@@ -185,8 +187,6 @@ def resolve_checkpoint(
     if found is not None:
         return found
     if train_missing:
-        from qrobust.recipes import ensure_trained
-
         return ensure_trained(name, zoo_dir=zoo_dir, data_root=data_root, device=device, progress=progress)
     raise QrobustError(
         f"{where}recipe {name!r} is not trained yet (searched {', '.join(str(d) for d in dirs)}); train it "
@@ -195,21 +195,81 @@ def resolve_checkpoint(
     )
 
 
+def ensure_trained(
+    name: str,
+    *,
+    zoo_dir: str | os.PathLike | None = None,
+    data_root: str | os.PathLike | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Path:
+    """Return the checkpoint directory of recipe ``name``, training it first if it is not there yet.
+
+    ``overrides`` changes training settings (e.g. ``{"epochs": 1, "max_train": 2000}`` for a smoke
+    run); the checkpoint name then carries a suffix so it never shadows the full recipe.
+    """
+    recipe = get_recipe(name)
+    cfg = {**recipe.train, **(overrides or {})}
+    suffix = "" if not overrides else "-" + "-".join(f"{k}{v}" for k, v in sorted(overrides.items()))
+    cache = Path(zoo_dir) if zoo_dir is not None else cache_dir()
+    out = cache / f"{name}{suffix}"
+    if not overrides:  # the pretrained zoo first; it only holds full recipes
+        found = find_recipe(name, [d for d in search_dirs(cache) if d.resolve() != cache.resolve()])
+        if found is not None:
+            return found
+    if (out / CONFIG).is_file():
+        if matches(out, recipe, cfg):
+            return out
+        # The recipe changed since this checkpoint was trained: keep the old one beside, train anew.
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        old = out.with_name(f"{out.name}.superseded-{stamp}")
+        n = 1
+        while old.exists():
+            n += 1
+            old = out.with_name(f"{out.name}.superseded-{stamp}-{n}")
+        out.rename(old)
+    # Say where: a caller in another directory would otherwise retrain silently (set QROBUST_ZOO to reuse).
+    log.info("qrobust: training recipe %s into %s (no matching checkpoint there; QROBUST_ZOO or zoo_dir "
+             "point at another zoo)", name, out)
+    data = load_dataset(recipe.dataset, root=data_root)
+    torch.manual_seed(cfg.get("seed", 0))
+    model = models.create_model(recipe.model, **recipe.model_kwargs)
+    info = {"dataset": recipe.dataset, "recipe": name, "note": recipe.note}
+    if recipe.init_from:  # that recipe is trained first if it is missing
+        start = ensure_trained(recipe.init_from, zoo_dir=zoo_dir, data_root=data_root, device=device)
+        model.load_state_dict(load_checkpoint(start)[0].state_dict())
+        info["init_from"] = recipe.init_from
+    if on_epoch is None:
+        def on_epoch(r: EpochRecord) -> None:
+            log.info("  %s epoch %d: loss %.4f  test acc %.4f  (%.1fs)", name, r.epoch, r.loss,
+                     r.test_accuracy, r.seconds)
+    train_to_checkpoint(out, model, data, TrainConfig(**cfg), info=info, device=device, progress=progress,
+                        on_epoch=on_epoch, overwrite=True)
+    if (cache / SUMS).is_file():  # a zoo with a hash list keeps it current
+        record_sums(cache, out.name)
+    return out
+
+
+def create_model(name: str, *, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """Build a registered model (:func:`qrobust.models.create_model`), or with ``pretrained=True`` recipe
+    ``name`` (or ``zoo:<recipe>``) with its trained weights from the zoo, verified, offline."""
+    return load_pretrained(name, **kwargs) if pretrained else models.create_model(name, **kwargs)
+
+
 def load_pretrained(name: str, device: torch.device | str = "cpu", *, train_missing: bool = False,
                     **kwargs: Any) -> nn.Module:
-    """Recipe ``name``'s trained model from the zoo (``create_model(name, pretrained=True)``), in eval mode.
+    """Recipe ``name``'s trained model from the zoo, in eval mode (``create_model(name, pretrained=True)``).
 
     ``kwargs`` are model options; they must agree with the recipe's (a pretrained model is fixed).
     """
-    from qrobust.models import get_entry
-    from qrobust.recipes import RECIPES
-
     name = name[len(PREFIX):] if name.startswith(PREFIX) else name
     if name not in RECIPES:
         raise QrobustError(f"no pretrained weights for {name!r}: pretrained models are named by recipe, one "
                            f"of {', '.join(sorted(RECIPES))}; or build it untrained with pretrained=False")
     recipe = RECIPES[name]
-    wanted = {**get_entry(recipe.model).params(), **recipe.model_kwargs}
+    wanted = {**models.get_entry(recipe.model).params(), **recipe.model_kwargs}
     differ = sorted(k for k, v in kwargs.items() if wanted.get(k, object()) != v)
     if differ:
         raise QrobustError(f"recipe {name} is {recipe.model} with {recipe.model_kwargs}; option(s) "

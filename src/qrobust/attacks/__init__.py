@@ -2,7 +2,8 @@
 
 Every attack is built with its settings and called on any ``nn.Module`` returning class scores
 (ensembles included), batched and device-agnostic; it never changes the model's train/eval mode.
-See ``docs/dev/attacks_api.md``.
+See ``docs/dev/attacks_api.md``. The per-image worst case over a suite of them is
+:mod:`qrobust.suite` (one level up: it also composes ensembles and the Monte-Carlo engine).
 """
 
 from qrobust.attacks.apgd import APGD, APGDT
@@ -15,9 +16,17 @@ from qrobust.attacks.fgsm import FGSM, RandomEpsFGSM
 from qrobust.attacks.jsma import JSMA
 from qrobust.attacks.losses import LOSSES, ce_loss, ce_prob_loss, cw_loss, resolve_loss
 from qrobust.attacks.pgd import BIM, PGD
-from qrobust.attacks.registry import ATTACKS, attack_params, canonical_name, create_attack, seed_attack_name
+from qrobust.attacks.registry import (
+    ATTACKS,
+    attack_class,
+    attack_names,
+    attack_params,
+    canonical_name,
+    create_attack,
+    register_attack,
+    seed_attack_name,
+)
 from qrobust.attacks.square import Scored, Square
-from qrobust.attacks.worst_case import WorstCase, WorstCaseReport, worst_case
 
 __all__ = [
     "APGD",
@@ -37,8 +46,8 @@ __all__ = [
     "RandomEpsFGSM",
     "Scored",
     "Square",
-    "WorstCase",
-    "WorstCaseReport",
+    "attack_class",
+    "attack_names",
     "attack_params",
     "canonical_name",
     "ce_loss",
@@ -50,7 +59,7 @@ __all__ = [
     "mean_output",
     "on_mc_mean",
     "random_targets",
+    "register_attack",
     "resolve_loss",
     "seed_attack_name",
-    "worst_case",
 ]

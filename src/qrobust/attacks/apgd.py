@@ -111,7 +111,8 @@ class APGD(Attack):
     def _single(self, model: nn.Module, x: Tensor, y_loss: Tensor, y_goal: Tensor, loss_fn: LossFn,
                 sign: float, targeted: bool, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
         """One APGD run. Returns (adv, best objective, fooled): adv is the first fooling point found,
-        else the best-objective point. The objective is ``sign * loss`` (maximised)."""
+        else the best-objective point. The objective is ``sign * loss`` (maximised). A sample leaves the
+        batch once fooled (most fall in the first steps), so later steps only pay for those standing."""
         n, view = len(x), (-1, *([1] * (x.dim() - 1)))
         box = None
         if self.norm == "Linf":
@@ -120,8 +121,9 @@ class APGD(Attack):
         cur = self._start(x, generator)
         grad, loss, out = input_gradient(model, cur, y_loss, loss_fn, self.eot_samples)
         obj = sign * loss
-        fooled = is_success(out, y_goal, targeted)
-        adv = cur.clone()
+        fool = is_success(out, y_goal, targeted)
+        adv, adv_obj, fooled = cur.clone(), obj.clone(), fool.clone()  # results, by row of the input
+        ids = torch.arange(n, device=x.device)  # rows of the samples still in the batch
         best_x, best_obj, best_grad = cur.clone(), obj.clone(), grad.clone()
         step = x.new_full((n,), 2 * self.eps)
         prev_x, prev_obj = cur.clone(), obj
@@ -131,6 +133,16 @@ class APGD(Attack):
         since, rises = 0, torch.zeros(n, device=x.device)
         best_at_check, halved_at_check = best_obj.clone(), torch.zeros(n, dtype=torch.bool, device=x.device)
         for i in range(self.steps):
+            if fool.any():  # the fooled samples' points are recorded: drop them from the batch
+                adv_obj[ids[fool]] = best_obj[fool]
+                keep = ~fool
+                x, y_loss, y_goal, cur, grad, prev_x, prev_obj, best_x, best_obj, best_grad, step, rises, \
+                    best_at_check, halved_at_check, ids, fool = (t[keep] for t in (
+                        x, y_loss, y_goal, cur, grad, prev_x, prev_obj, best_x, best_obj, best_grad, step,
+                        rises, best_at_check, halved_at_check, ids, fool))
+                box = None if box is None else (box[0][keep], box[1][keep])
+                if len(ids) == 0:
+                    break
             momentum = cur - prev_x
             prev_x = cur
             z = self._project(x, cur + (sign * step).view(view) * self._direction(grad), box)
@@ -142,11 +154,10 @@ class APGD(Attack):
                 grad, loss, out = input_gradient(model, cur, y_loss, loss_fn, self.eot_samples)
             else:  # the last point is only scored, its gradient would never be used
                 out = mean_output(model, cur, self.eot_samples)
-                loss = check_per_sample(loss_fn(out, y_loss), n)
+                loss = check_per_sample(loss_fn(out, y_loss), len(cur))
             obj = sign * loss
-            new_fool = is_success(out, y_goal, targeted) & ~fooled
-            adv[new_fool] = cur[new_fool]
-            fooled |= new_fool
+            fool = is_success(out, y_goal, targeted)
+            adv[ids[fool]], fooled[ids[fool]] = cur[fool], True
             rises += obj > prev_obj
             prev_obj = obj
             better = obj > best_obj
@@ -160,8 +171,8 @@ class APGD(Attack):
                     cur[halve], grad[halve] = best_x[halve], best_grad[halve]
                 since, rises = 0, rises.zero_()
                 gap = max(gap - gap_decr, gap_min)
-        adv[~fooled] = best_x[~fooled]
-        return adv, best_obj, fooled
+        adv[ids[~fool]], adv_obj[ids] = best_x[~fool], best_obj
+        return adv, adv_obj, fooled
 
 
 class APGDT(APGD):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from typing import Any
 
@@ -13,7 +14,6 @@ from qrobust.attacks.fgsm import FGSM, RandomEpsFGSM
 from qrobust.attacks.jsma import JSMA
 from qrobust.attacks.pgd import BIM, PGD
 from qrobust.attacks.square import Square
-from qrobust.attacks.worst_case import WorstCase
 from qrobust.errors import QrobustError
 
 ATTACKS: dict[str, type[Attack]] = {
@@ -28,8 +28,11 @@ ATTACKS: dict[str, type[Attack]] = {
     "apgd": APGD,
     "apgdt": APGDT,
     "square": Square,
-    "worst_case": WorstCase,
 }
+# Attacks defined above this layer: suites that compose attacks with ensembles and the Monte-Carlo engine,
+# which use this registry themselves. Each registers itself on import (register_attack); the registry
+# imports its module on first use, so ``create_attack("worst_case")`` works like any other name.
+DEFERRED = {"worst_case": "qrobust.suite"}
 # THE alias table: other spellings, including the seeds' CleverHans class names, keyed without case,
 # "-", "_" or spaces (see canonical_name).
 ALIASES = {"cwl2": "cw", "carliniwagnerl2": "cw", "ifgsm": "bim", "basiciter": "bim",
@@ -43,9 +46,27 @@ def _squash(name: str) -> str:
     return "".join(ch for ch in str(name).lower() if ch not in "-_ ")
 
 
+def register_attack(name: str, cls: type[Attack]) -> None:
+    """Make ``cls`` available to :func:`create_attack` (and TOML, the CLI) as ``name``."""
+    ATTACKS[name] = cls
+
+
+def attack_names() -> list[str]:
+    """Every registered attack name, the deferred ones included."""
+    return [*ATTACKS, *(k for k in DEFERRED if k not in ATTACKS)]
+
+
+def attack_class(name: str) -> type[Attack]:
+    """The class registered as ``name`` (an alias is fine), importing a deferred one's module."""
+    key = canonical_name(name)
+    if key not in ATTACKS:
+        importlib.import_module(DEFERRED[key])
+    return ATTACKS[key]
+
+
 def attack_params(name: str) -> dict[str, Any]:
     """The settings attack ``name`` accepts, with their defaults."""
-    cls = ATTACKS[canonical_name(name)]
+    cls = attack_class(name)
     return {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
             if k != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
@@ -55,10 +76,10 @@ def canonical_name(name: str) -> str:
     ``pgd``, ``cw``, ``eot_pgd``."""
     key = _squash(name)
     key = ALIASES.get(key, key)
-    for known in ATTACKS:
+    for known in attack_names():
         if _squash(known) == key:
             return known
-    raise QrobustError(f"unknown attack {name!r}; known attacks: {', '.join(ATTACKS)}")
+    raise QrobustError(f"unknown attack {name!r}; known attacks: {', '.join(attack_names())}")
 
 
 def seed_attack_name(text: str | int) -> str:
@@ -86,6 +107,6 @@ def create_attack(name: str, **params: Any) -> Attack:
         raise QrobustError(f"attack {key!r} does not take {', '.join(unknown)}; "
                            f"it takes: {', '.join(accepted)}")
     try:
-        return ATTACKS[key](**params)
+        return attack_class(key)(**params)
     except TypeError as exc:  # e.g. a non-numeric value where a number belongs
         raise QrobustError(f"bad settings for attack {key!r}: {exc}") from exc

@@ -14,9 +14,9 @@ import importlib
 import os
 import sys
 
-from qrobust import __version__
 from qrobust.errors import QrobustError
 from qrobust.utils import configure_logging
+from qrobust.version import __version__
 
 SUBCOMMANDS = ("models", "train", "evaluate", "attack", "empir", "detect", "run", "worst_case")
 
@@ -44,7 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging()  # the library logs (what it trains where); the command line shows it on stderr
     try:
-        return int(args.func(args) or 0)
+        from qrobust.distributed import session
+        from qrobust.utils import resolve_device
+
+        # under torchrun: one process group per command (gloo on CPU, NCCL on GPU); alone: nothing
+        with session(resolve_device(getattr(args, "device", None) or "auto")):
+            return int(args.func(args) or 0)
     except QrobustError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -13,10 +13,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from qrobust.adversary import KINDS, METHODS, Adversary, make_adversary, make_attack
+from qrobust.adversary import KINDS, make_adversary, make_attack
 from qrobust.errors import QrobustError
+from qrobust.train_config import ADV_METHODS, Adversary
 
-__all__ = ["KINDS", "METHODS", "add_adv_options", "adv_kind", "adv_settings", "build_adversary",
+__all__ = ["KINDS", "add_adv_options", "adv_kind", "adv_settings", "build_adversary",
            "make_adversary", "make_attack"]
 SEED_A = {"1": "pgd", "2": "fgsm-random"}
 SEED_A_PGD = {"steps": 40, "alpha": 0.01}  # `--adv pgd`: QNN-defense's PGD-40 of 0.01
@@ -24,8 +25,8 @@ SEED_A_PGD = {"steps": 40, "alpha": 0.01}  # `--adv pgd`: QNN-defense's PGD-40 o
 
 def adv_kind(text: str) -> str:
     key = SEED_A.get(text, text).lower().replace("_", "-")
-    if key.replace("-", "_") not in METHODS:
-        names = ", ".join(m.replace("_", "-") for m in METHODS)
+    if key.replace("-", "_") not in ADV_METHODS:
+        names = ", ".join(m.replace("_", "-") for m in ADV_METHODS)
         raise argparse.ArgumentTypeError(f"--adv must be one of {names} (QNN-defense: 1 = pgd, "
                                          f"2 = fgsm-random), got {text!r}")
     return key

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qrobust.attacks import ATTACKS, LOSSES, attack_params, create_attack
+from qrobust.attacks import LOSSES, attack_names, attack_params, create_attack
 from qrobust.cli.common import (
     add_checkpoint,
     add_data,
@@ -22,6 +22,7 @@ from qrobust.cli.common import (
     one_line_errors,
     positive_int,
 )
+from qrobust.distributed import is_main
 from qrobust.errors import QrobustError
 from qrobust.evaluate import evaluate_attack
 from qrobust.utils import (
@@ -125,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
           f"success rate {result.success_rate:.4f} of {result.n_attacked} attacked  "
           f"mean L0 {result.mean_l0:.1f}  L2 {result.mean_l2:.4f}  Linf {result.mean_linf:.4f} "
           f"(successful examples)  {result.seconds:.1f}s")
+    if not is_main():  # under torchrun: every rank holds the gathered result; rank 0 writes it
+        return 0
     if args.json_out:
         atomic_write_json(args.json_out, record)
     if args.save_adv:
@@ -137,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = one_line_errors(sub.add_parser("attack", help="attack a checkpoint and report adversarial accuracy"))
     add_checkpoint(p)
-    p.add_argument("--attack", required=True, choices=[k for k in ATTACKS if k != "fgsm_random"])
+    p.add_argument("--attack", required=True, choices=[k for k in attack_names() if k != "fgsm_random"])
     g = p.add_argument_group("attack settings (defaults: the attack's own, i.e. the seeds' settings)")
     g.add_argument("--eps", type=float, help="L-inf budget (FGSM/BIM/PGD; default 0.3)")
     g.add_argument("--alpha", type=float, help="step size (BIM/PGD; default 0.01)")

@@ -82,11 +82,12 @@ def load_test_split(args: argparse.Namespace, model: nn.Module, config: dict, n:
     """The test images a command evaluates, validated against the model before any computation:
     image shape, pixel range, and labels the model can predict (else accuracy is 0% by construction)."""
     from qrobust.checkpoint import check_labels
-    from qrobust.data import check_images, load_dataset
+    from qrobust.data import check_images, folder_image_size, load_dataset
     from qrobust.errors import QrobustError
 
-    data = load_dataset(args.data or config.get("dataset", "digits"), root=args.data_root,
-                        download=args.download)
+    spec = args.data or config.get("dataset", "digits")
+    data = load_dataset(spec, root=args.data_root, download=args.download,
+                        image_size=folder_image_size(spec, config["model"].get("input_shape")))
     test = data.test.head(n) if n else data.test
     if len(test) == 0:
         raise QrobustError(f"{test.name} holds no images; use a dataset with a test split")

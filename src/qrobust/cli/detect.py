@@ -252,6 +252,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from qrobust.detect import run_detection
+    from qrobust.distributed import is_main
     from qrobust.utils import atomic_write_json
 
     attacks = _check_settings(args)
@@ -276,13 +277,13 @@ def run(args: argparse.Namespace) -> int:
             _print_row(args, name, row, res)
     if args.json:
         print(json.dumps(results if len(results) > 1 else results[0]))
-    if args.out:
+    if args.out and is_main():  # under torchrun rank 0 writes
         atomic_write_json(args.out, {"results": results, "version": _version()})
     return 0
 
 
 def _version() -> str:
-    from qrobust import __version__
+    from qrobust.version import __version__
 
     return __version__
 

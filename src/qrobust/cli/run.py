@@ -56,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     summary = runner.run()
     report = summary.report
+    if report is None:  # a torchrun rank other than 0: it computed its share; rank 0 reports
+        return 0
     print(report.summary.markdown())
     if report.detection.rows:
         print()
@@ -84,7 +86,7 @@ def check_outputs(cfg) -> None:  # noqa: ANN001
         with output_lock(out, "experiment output"):
             pass
     for spec in cfg.datasets.values():
-        load_dataset(spec.source, root=cfg.data_root)
+        load_dataset(spec.source, root=cfg.data_root, image_size=spec.image_size)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

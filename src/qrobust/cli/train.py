@@ -8,12 +8,13 @@ import math
 import sys
 from pathlib import Path
 
-from qrobust.checkpoint import check_checkpoint_target, train_to_checkpoint
+from qrobust.checkpoint import check_checkpoint_target
 from qrobust.cli.common import add_data, add_device, bits, nonneg_int, one_line_errors, positive_int
-from qrobust.data import NAMED, load_dataset
+from qrobust.data import NAMED, folder_image_size, load_dataset
+from qrobust.distributed import is_main
 from qrobust.errors import QrobustError
 from qrobust.models import create_model, get_entry
-from qrobust.train import TrainConfig
+from qrobust.train import TrainConfig, train_to_checkpoint
 from qrobust.utils import resolve_device, seed_everything
 
 
@@ -70,11 +71,14 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     seed_everything(args.seed)
     model = create_model(args.model, **model_kwargs(args))
-    data = load_dataset(args.data, root=args.data_root, download=args.download)
+    size = folder_image_size(args.data, model.qrobust_config["input_shape"])  # a tree at the model's size
+    data = load_dataset(args.data, root=args.data_root, download=args.download, image_size=size)
     adversary = build_adversary(args) if kind in KINDS else None
     test = data.test.head(args.max_test) if args.max_test else data.test
 
     def report(rec) -> None:
+        if not is_main():  # under torchrun, rank 0 speaks for all (the numbers are summed over the ranks)
+            return
         print(f"epoch {rec.epoch:3d}  loss {rec.loss:.4f}  train acc {rec.train_accuracy:.4f}  test acc "
               f"{rec.test_accuracy:.4f}  {rec.seconds:.1f}s  {rec.images_per_second:.0f} img/s",
               file=sys.stderr)
@@ -84,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     if kind:
         info["adversarial_training"] = getattr(args, "adv_description", kind)
     result = train_to_checkpoint(out, model, data, cfg, test=test, info=info, device=device,
-                                 adversary=adversary, progress=not args.quiet, on_epoch=report,
+                                 adversary=adversary, progress=not args.quiet and is_main(), on_epoch=report,
                                  overwrite=args.force)
     acc = result.test_accuracy  # NaN after --epochs 0: JSON has no NaN, so null
     print(json.dumps({"checkpoint": str(out), "test_accuracy": acc if math.isfinite(acc) else None,

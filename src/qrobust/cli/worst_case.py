@@ -46,7 +46,7 @@ def _load(args: argparse.Namespace, device):
 
 
 def run(args: argparse.Namespace) -> int:
-    from qrobust.attacks import worst_case
+    from qrobust.suite import worst_case
     from qrobust.utils import atomic_write_json, check_output_file, resolve_device, seed_everything
 
     if args.json_out:

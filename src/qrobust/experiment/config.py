@@ -127,18 +127,19 @@ def _datasets(c: Checker, raw: dict[str, Any]) -> dict[str, DatasetSpec]:
             path = f"datasets.{key}"
             c.string(key, path, ident=True)
             spec = c.table(value, path)
-            c.unknown(spec, ("source", "train_samples"), path)
+            c.unknown(spec, ("source", "train_samples", "image_size"), path)
             if "source" not in spec:
                 raise c.fail(
                     f"{path}.source", "missing; digits, mnist, cifar10, a .npz path or an ImageFolder"
                 )
-            train_samples = spec.get("train_samples")
+            train_samples, size = spec.get("train_samples"), spec.get("image_size")
             out[key] = DatasetSpec(
                 key,
                 c.string(spec["source"], f"{path}.source"),
                 c.integer(train_samples, f"{path}.train_samples", minimum=1)
                 if train_samples is not None
                 else None,
+                c.integer(size, f"{path}.image_size", minimum=16) if size is not None else None,
             )
     else:
         source = c.string(raw.get("data", "digits"), "data")

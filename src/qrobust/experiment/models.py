@@ -1,7 +1,7 @@
 """The models of an experiment: loaded, trained or fetched once, each with the hash its cache keys use.
 
 Trained models are keyed by (architecture + options, training settings, training-data fingerprint),
-trained with :func:`qrobust.checkpoint.train_to_checkpoint` (saved in a temporary directory renamed
+trained with :func:`qrobust.train.train_to_checkpoint` (saved in a temporary directory renamed
 into place; an interrupted training resumes from its last finished epoch). Recipe and checkpoint models
 are keyed by their weights' SHA-256.
 """
@@ -75,7 +75,7 @@ class Models:
     def dataset(self, ds_id: str) -> Dataset:
         if ds_id not in self._data:
             spec = self.cfg.datasets[ds_id]
-            self._data[ds_id] = load_dataset(spec.source, root=self.cfg.data_root)
+            self._data[ds_id] = load_dataset(spec.source, root=self.cfg.data_root, image_size=spec.image_size)
         return self._data[ds_id]
 
     def test_tensors(self, ds_id: str, n: int) -> tuple[Tensor, Tensor, str]:
@@ -194,9 +194,8 @@ class Models:
         described: dict[str, Any],
         store: ResultStore,
     ) -> None:
-        from qrobust.checkpoint import train_to_checkpoint
         from qrobust.models import create_model
-        from qrobust.train import TrainConfig
+        from qrobust.train import TrainConfig, train_to_checkpoint
 
         self.log(f"training {spec.name} ({spec.arch} {spec.options or ''}, {settings['epochs']} epochs)")
         data = self.dataset(spec.dataset)
@@ -223,8 +222,8 @@ class Models:
 
     def _recipe_model(self, spec: ModelSpec, store: ResultStore) -> tuple[nn.Module, str]:
         from qrobust.checkpoint import load_checkpoint
-        from qrobust.recipes import ensure_trained, get_recipe
-        from qrobust.zoo import find_recipe, search_dirs
+        from qrobust.recipes import get_recipe
+        from qrobust.zoo import ensure_trained, find_recipe, search_dirs
 
         recipe = get_recipe(spec.recipe or "")
         root = self.cfg.data_root

@@ -21,18 +21,28 @@ from qrobust.experiment.store import ResultStore, stable_hash
 # "2": QNN-defense's protocol as `qrobust detect` runs it: with labels = "pred" attacks label each batch,
 # Monte-Carlo passes from two generators (seed + 1 clean, seed + 2 adversarial) instead of one stream,
 # 1000 bootstrap resamples.
-DETECTION_VERSION = "2"
+# "3": batches sharded over torchrun's ranks: Monte-Carlo passes from generators seeded per batch
+# (seed + 1 / seed + 2, batch index), the global RNG reseeded per attack batch (qrobust.distributed).
+DETECTION_VERSION = "3"
+# Version of the batched evaluation of attacks on RANDOMIZED models (dropout kept on, stochastic weights):
+# "2": the global RNG is reseeded per batch from (attack seed, batch index), so N torchrun ranks give the
+# per-image results of one process. Deterministic models' results did not change, so their keys do not
+# carry it.
+STOCHASTIC_EVAL_VERSION = "2"
 
 
-def code_versions(attack: Any, *, detection: bool = False) -> dict[str, Any]:
-    """The versions of the code computing a cell, for its cache key (``Attack.version``, and
-    :data:`DETECTION_VERSION` for detection cells): bumping one recomputes exactly the cells it computes.
+def code_versions(attack: Any, *, detection: bool = False, stochastic: bool = False) -> dict[str, Any]:
+    """The versions of the code computing a cell, for its cache key (``Attack.version``,
+    :data:`DETECTION_VERSION` for detection cells, :data:`STOCHASTIC_EVAL_VERSION` for cells of randomized
+    models): bumping one recomputes exactly the cells it computes.
 
     Versions still at "1" are left out, so keys (and stores) from before versioning stay valid.
     """
     versions = {"attack": str(getattr(attack, "version", "1"))}
     if detection:
         versions["detection"] = DETECTION_VERSION
+    if stochastic:
+        versions["evaluation"] = STOCHASTIC_EVAL_VERSION
     versions = {k: v for k, v in versions.items() if v != "1"}
     return {"code": versions} if versions else {}
 
@@ -138,6 +148,7 @@ class Planner:
              data: str, extra: dict[str, Any], *, kind: str = "attack") -> Unit:
         """An attack or detection unit, keyed by everything that produces it (see the module docstring)."""
         from qrobust.attacks import create_attack
+        from qrobust.mc import is_stochastic
 
         atk = create_attack(a.name, **attack_settings(self.cfg, self.models, a, eps, mode, target))
         atk_cfg = atk.config()
@@ -150,7 +161,8 @@ class Planner:
             "seed": self.cfg.seed,
             "data": data,
             **extra,
-            **code_versions(atk, detection=kind == "detection"),
+            **code_versions(atk, detection=kind == "detection",
+                            stochastic=is_stochastic(self.models.models[target])),
         }
         return Unit(stable_hash(described), kind, target, row, a.label, eps, mode, a, n,
                     {"attack_config": atk_cfg})

@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import qrobust
 from qrobust.errors import QrobustError
 from qrobust.experiment.store import ResultStore
+from qrobust.version import __version__
 
 Cell = tuple[str, str, str, str | None, float | None]  # kind, target, attack label, mode, eps
 
@@ -48,7 +48,7 @@ def code_version(repo: str | os.PathLike | None = None) -> str:
                                    capture_output=True, text=True, timeout=10, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         described = ""
-    return f"qrobust {qrobust.__version__}" + (f", git {described}" if described else "")
+    return f"qrobust {__version__}" + (f", git {described}" if described else "")
 
 
 def stamp(command: str, store_path: str | os.PathLike, records: dict[Cell, dict[str, Any]]) -> str:

@@ -11,6 +11,7 @@ trained or fetched once (:mod:`qrobust.experiment.models`).
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections.abc import Callable
@@ -20,13 +21,14 @@ from typing import Any
 
 from torch import Tensor, nn
 
-import qrobust
+from qrobust.distributed import is_main
 from qrobust.experiment.config import ExperimentConfig, ModelSpec
 from qrobust.experiment.models import Models, bits_label, fingerprint
 from qrobust.experiment.plan import DETECTION_VERSION, Unit, code_versions, plan
 from qrobust.experiment.store import ResultStore, stable_hash
 from qrobust.experiment.units import execute
 from qrobust.utils import check_writable_dir, output_lock, resolve_device, show_progress
+from qrobust.version import __version__
 
 STORE_NAME = "store.sqlite"
 Log = Callable[[str], None]
@@ -72,7 +74,7 @@ class Runner:
     ) -> None:
         self.cfg = config
         self.progress = progress
-        self.log = log or (lambda _msg: None)
+        self.log = (log if is_main() else None) or (lambda _msg: None)  # under torchrun rank 0 speaks
         self.write_report = report
         self.device = resolve_device(config.device)
         self.out = check_writable_dir(config.output_dir)
@@ -102,17 +104,32 @@ class Runner:
         return execute(self.cfg, self.models, u, store, self.log)
 
     def run(self) -> RunSummary:
+        """Plan, compute what the store lacks, write the report. Under torchrun every rank computes every
+        unit on its share of the images (:mod:`qrobust.distributed`); rank 0 alone holds the output lock,
+        trains missing models, writes the store and the report."""
+        from qrobust import distributed as dist
+
         t0 = time.perf_counter()
+        main = dist.is_main()
         # one writer per output: a second `qrobust run` on it refuses at once (qrobust.utils.output_lock)
-        with output_lock(self.out, "experiment output"), ResultStore(self.store_path) as store:
-            units = self.plan(store)
-            todo = [u for u in units if not store.has_result(u.key)]
-            self.log(
-                f"{len(units)} result units, {len(units) - len(todo)} already in {self.store_path}, "
-                f"{len(todo)} to compute"
-            )
-            self._compute(units, todo, store)
-            records = store.results([u.key for u in units])
+        with output_lock(self.out, "experiment output") if main else contextlib.nullcontext():
+            if not main:
+                dist.barrier()  # rank 0 plans first: it creates the store and trains what is missing
+            with ResultStore(self.store_path) as store:
+                with dist.solo():  # rank 0 trains what is missing on its own; the others then load it
+                    units = self.plan(store)
+                if main:
+                    dist.barrier()
+                # rank 0's view of what is stored decides, so every rank computes the same units
+                todo_keys = set(dist.broadcast([u.key for u in units if not store.has_result(u.key)]))
+                todo = [u for u in units if u.key in todo_keys]
+                self.log(
+                    f"{len(units)} result units, {len(units) - len(todo)} already in {self.store_path}, "
+                    f"{len(todo)} to compute"
+                )
+                self._compute(units, todo, store)
+                dist.barrier()  # rank 0 has committed the last unit
+                records = store.results([u.key for u in units])
         summary = RunSummary(
             self.out,
             self.store_path,
@@ -123,7 +140,7 @@ class Runner:
             time.perf_counter() - t0,
             records,
         )
-        if self.write_report:
+        if self.write_report and main:
             summary.report = self.report(records)
         return summary
 
@@ -137,13 +154,13 @@ class Runner:
             desc=self.cfg.name,
             unit="unit",
             file=sys.stderr,
-            disable=not show_progress(self.progress),
+            disable=not show_progress(self.progress) or not is_main(),
             dynamic_ncols=True,
         )
         try:
             for i, u in enumerate(todo, len(units) - len(todo) + 1):
                 bar.set_postfix_str(u.title[:60])
-                if self.progress and bar.disable:  # a log or CI: one line per unit, no bar redraws
+                if self.progress and bar.disable and is_main():  # a log or CI: one line per unit, no redraws
                     self.log(f"[{i}/{len(units)}] {u.title.strip()}")
                 self.execute(u, store)
                 bar.update(1)
@@ -159,7 +176,7 @@ class Runner:
             "experiment": self.cfg.name,
             "file": self.cfg.source,
             "experiment_hash": stable_hash(self.cfg.raw),
-            "qrobust_version": qrobust.__version__,
+            "qrobust_version": __version__,
             "samples": self.cfg.samples,
             "seed": self.cfg.seed,
             "device": str(self.device),

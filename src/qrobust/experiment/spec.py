@@ -33,6 +33,7 @@ class DatasetSpec:
     id: str
     source: str
     train_samples: int | None = None  # first N training images (quick runs)
+    image_size: int | None = None  # ImageFolder trees: image side (default 224; reduced resolution)
 
 
 @dataclass

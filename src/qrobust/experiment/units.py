@@ -11,13 +11,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-import qrobust
 from qrobust.data import check_images
 from qrobust.evaluate import accuracy, wilson_interval
 from qrobust.experiment.config import ExperimentConfig
 from qrobust.experiment.models import Models
 from qrobust.experiment.plan import Unit, attack_settings
 from qrobust.experiment.store import ResultStore
+from qrobust.version import __version__
 
 
 def execute(
@@ -67,7 +67,7 @@ def base_record(cfg: ExperimentConfig, models: Models, u: Unit) -> dict[str, Any
         "bits": models.bits.get(u.target, ""),
         "ensemble": models.is_ensemble(u.target),
         "dataset": cfg.datasets[models.dataset_of(u.target)].source,
-        "qrobust_version": qrobust.__version__,
+        "qrobust_version": __version__,
         "device": str(models.device),
         **u.describe,
     }

@@ -97,12 +97,15 @@ def cifarconv(*, wbits: int = 32, abits: int = 32, dropout: float = 0.0, mc_drop
 class DoReFaAlexNet(nn.Module):
     """DoReFa AlexNet (224x224 input): conv1 and the last FC full precision, BN after conv2..fc2."""
 
-    def __init__(self, *, wbits: int, abits: int, dropout: float, mc_dropout: bool, num_classes: int):
+    def __init__(self, *, wbits: int, abits: int, dropout: float, mc_dropout: bool, num_classes: int,
+                 pool: int | None = None, fc: int = 4096):
         super().__init__()
 
         def q(cin: int, cout: int, k: int, **kw) -> QuantConv2d:
             return _qconv(cin, cout, k, bias=False, wbits=wbits, abits=abits, **kw)
 
+        # pool: reduced-resolution variant (alexnet_small): conv5's map is average-pooled to pool x pool
+        side = 6 if pool is None else pool
         self.normalize = Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
         self.features = nn.Sequential(
             nn.Conv2d(3, 96, 12, stride=4, padding=0, bias=True),
@@ -111,6 +114,7 @@ class DoReFaAlexNet(nn.Module):
             q(256, 384, 3, padding=1), nn.BatchNorm2d(384), MaxPoolSame(3, 2), nn.ReLU(),
             q(384, 384, 3, padding=1, groups=2), nn.BatchNorm2d(384), nn.ReLU(),
             q(384, 256, 3, padding=1, groups=2), nn.BatchNorm2d(256), nn.MaxPool2d(3, 2), nn.ReLU(),
+            *([] if pool is None else [nn.AdaptiveAvgPool2d(pool)]),
             nn.Flatten(),
         )
 
@@ -119,10 +123,10 @@ class DoReFaAlexNet(nn.Module):
                                input_quant=DoReFaActivation(abits))
 
         self.head = nn.Sequential(
-            qfc(256 * 6 * 6, 4096), nn.BatchNorm1d(4096), nn.ReLU(),
-            qfc(4096, 4096), nn.BatchNorm1d(4096), nn.ReLU(),
+            qfc(256 * side * side, fc), nn.BatchNorm1d(fc), nn.ReLU(),
+            qfc(fc, fc), nn.BatchNorm1d(fc), nn.ReLU(),
             MCDropout(dropout, mc_dropout),
-            nn.Linear(4096, num_classes),
+            nn.Linear(fc, num_classes),
         )
         seed_init_(self, _init_std(wbits, abits))
 
@@ -135,3 +139,13 @@ def alexnet(*, wbits: int = 32, abits: int = 32, dropout: float = 0.0, mc_dropou
             num_classes: int = 1000) -> nn.Module:
     return DoReFaAlexNet(wbits=check_bits(wbits, "wbits"), abits=check_bits(abits, "abits"), dropout=dropout,
                          mc_dropout=mc_dropout, num_classes=num_classes)
+
+
+@register_model("alexnet_small", input_shape=(3, 64, 64),
+                description="reduced-resolution DoReFa AlexNet (64x64, FC 512), not the seed's net")
+def alexnet_small(*, wbits: int = 32, abits: int = 32, dropout: float = 0.0, mc_dropout: bool = False,
+                  num_classes: int = 1000) -> nn.Module:
+    """AlexNet's layers at 64x64 input (conv5's 1x1 map pooled to 2x2, FC 512): for CI and quick checks
+    of the ImageNet pipeline on a reduced-resolution ImageFolder tree."""
+    return DoReFaAlexNet(wbits=check_bits(wbits, "wbits"), abits=check_bits(abits, "abits"), dropout=dropout,
+                         mc_dropout=mc_dropout, num_classes=num_classes, pool=2, fc=512)

@@ -51,16 +51,11 @@ def get_entry(name: str) -> ModelEntry:
     return _REGISTRY[name]
 
 
-def create_model(name: str, *, pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """Build a registered model. The model remembers how it was built in ``model.qrobust_config``.
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+    """Build a registered model, untrained. The model remembers how it was built in ``model.qrobust_config``.
 
-    ``pretrained=True``: ``name`` is a recipe (or ``zoo:<recipe>``) and the model comes with its trained
-    weights from the zoo, verified, offline (:func:`qrobust.zoo.load_pretrained`).
+    With trained weights: ``qrobust.create_model(name, pretrained=True)`` (:func:`qrobust.zoo.create_model`).
     """
-    if pretrained:
-        from qrobust.zoo import load_pretrained
-
-        return load_pretrained(name, **kwargs)
     entry = get_entry(name)
     accepted = entry.params()
     unknown = sorted(set(kwargs) - set(accepted))

@@ -1,13 +1,15 @@
-"""Worst case, honestly: a suite of strong attacks, each later one only on the images still standing.
+"""The worst-case suite: a suite of strong attacks, each later one only on the images still standing.
 
-One attack tells how strong that attack is; a robustness claim needs the per-image worst case over
-attacks that do not share a weakness (AutoAttack, Croce & Hein 2020). :class:`WorstCase` is itself an
+One attack tells how strong that attack is; a robustness claim needs the per-image worst case over attacks
+that do not share a weakness (AutoAttack, Croce & Hein 2020). :class:`WorstCase` is itself an
 :class:`~qrobust.attacks.Attack` (registered as ``worst_case``, so the experiment runner and TOML use it
-unchanged): it runs the suite in order, each attack only on the images no earlier attack broke, judges
-success on the MODEL being scored - an ensemble's vote, a randomized net's Monte-Carlo mean prediction -
-and returns per image the first adversarial example found, else the clean input. What broke which image
-and the robust accuracy after each attack are kept in :attr:`WorstCase.report` (also in its
-``config()``, hence in the runner's records). :func:`worst_case` is the one-call library version.
+unchanged; it sits above the attack layer because it composes attacks with ensembles and the Monte-Carlo
+engine, and the attack registry imports it on first use): it runs the suite in order, each attack only on
+the images no earlier attack broke, judges success on the MODEL being scored - an ensemble's vote, a
+randomized net's Monte-Carlo mean prediction - and returns per image the first adversarial example found,
+else the clean input. What broke which image and the robust accuracy after each attack are kept in
+:attr:`WorstCase.report` (also in its ``config()``, hence in the runner's records). :func:`worst_case` is
+the one-call library version.
 
 The default suite (:func:`default_suite`):
 
@@ -34,9 +36,12 @@ from torch import Tensor, nn
 from qrobust.attacks.apgd import APGD, APGDT, check_norm
 from qrobust.attacks.base import Attack, check_bounds, check_count, check_nonneg
 from qrobust.attacks.losses import LossFn, resolve_loss
+from qrobust.attacks.registry import register_attack
 from qrobust.attacks.square import Square
+from qrobust.ensemble import AttackTarget, Ensemble, VoteView
 from qrobust.errors import QrobustError
 from qrobust.evaluate import wilson_interval
+from qrobust.mc import is_stochastic, log_mean_softmax, mc_logits
 
 GENERIC = ("apgd_ce", "apgd_t", "square")
 ENSEMBLE_ONLY = ("apgd_vote", "apgd_ce_legacy", "apgd_ce_adaptive")
@@ -134,8 +139,6 @@ class MCCopies(nn.Module):
         self.copies: Tensor | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        from qrobust.mc import log_mean_softmax, mc_logits
-
         self.copies = mc_logits(self.model, x, self.samples, batch_size=len(x))
         return log_mean_softmax(self.copies, 0)
 
@@ -156,15 +159,10 @@ class MCCopies(nn.Module):
 
 def _unwrap(model: nn.Module) -> nn.Module:
     """The ensemble behind an ensemble attack target (the runner hands WorstCase the target of its row)."""
-    from qrobust.ensemble import AttackTarget
-
     return model.ensemble if isinstance(model, AttackTarget) else model
 
 
 def _kind(model: nn.Module) -> str:
-    from qrobust.ensemble import Ensemble
-    from qrobust.mc import is_stochastic
-
     if is_stochastic(model):
         return "stochastic"
     return "ensemble" if isinstance(model, Ensemble) else "plain"
@@ -251,8 +249,6 @@ class WorstCase(Attack):
             return MCCopies(model, self.mc_samples)
         if kind != "ensemble":
             return model
-        from qrobust.ensemble import VoteView
-
         if name in ("apgd_vote", "square"):
             return VoteView(model)
         mode = {"apgd_ce_legacy": "legacy", "apgd_ce_adaptive": "adaptive"}.get(name, "adaptive_logits")
@@ -347,6 +343,8 @@ def worst_case(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int = 500,
     report.x_adv = torch.cat(advs)
     return report
 
+
+register_attack("worst_case", WorstCase)
 
 __all__ = ["ENSEMBLE_SUITE", "GENERIC", "SUITE_NAMES", "MCCopies", "WorstCase", "WorstCaseReport",
            "default_suite", "worst_case"]

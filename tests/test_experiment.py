@@ -306,10 +306,13 @@ def test_train_table_keys_are_train_config_fields(tmp_path):
     from qrobust.train import TrainConfig
 
     assert set(train_keys()) == {f.name for f in fields(TrainConfig)}
-    doc = _doc(train={"lr_schedule": "cosine", "adv_weight": 1.0, "epochs": 1})
-    want = {"lr_schedule": "cosine", "adv_weight": 1.0, "epochs": 1}
+    doc = _doc(train={"lr_schedule": "cosine", "adv_weight": 1.0, "epochs": 1, "co_guard": True,
+                      "channels_last": False})
+    want = {"lr_schedule": "cosine", "adv_weight": 1.0, "epochs": 1, "co_guard": True, "channels_last": False}
     assert parse_config(doc, source="q.toml").train == want
     for bad, message in (({"lr_schedule": "step"}, "train.lr_schedule: lr schedule must be one of"),
+                         ({"co_guard": 1}, "train.co_guard: must be true or false"),
+                         ({"epochs": True}, "train.epochs: must be a whole number"),
                          ({"adv_weight": 0}, "train.adv_weight: adversarial loss weight"),
                          ({"lr": 0}, "train.lr: must be positive")):
         with pytest.raises(QrobustError, match=message):

@@ -129,6 +129,17 @@ RECIPES: dict[str, Recipe] = {
     ]
 }
 
+# The bit-width sweep (issue 13: robustness against bit width under the worst case): MNISTconv with k-bit
+# weights AND activations, k = 1, 2, 4, 8, each fine-tuned 4 cosine epochs from mnistconv_fp (32 bits) the
+# same way, so that the bit width is the only difference between the rows.
+_SWEEP = {**_MNIST, "epochs": 4, "lr_schedule": "cosine", "seed": 0}
+RECIPES.update({
+    f"mnistconv_w{k}a{k}": _r(f"mnistconv_w{k}a{k}", "mnistconv", "mnist",
+                              f"bit-width sweep: {k}-bit weights and activations, fine-tuned from mnistconv_fp",
+                              _SWEEP, init_from="mnistconv_fp", wbits=k, abits=k)
+    for k in (1, 2, 4, 8)
+})
+
 # Adversarially trained models (issue 15; methods in qrobust.adversary), each within 60 minutes of CPU.
 # FGSM with a random start (Wong, Rice & Kolter 2020) with the defaults of their MNIST/train_mnist.py (read
 # in copies of it): eps 0.3, step 0.375 (1.25 eps), Adam with a cyclic learning rate (0 -> 5e-3 at 2/5 of

@@ -158,6 +158,11 @@ class Checker:
             raise self.fail(path, f"must be a whole number >= {minimum}, got {value!r}")
         return value
 
+    def boolean(self, value: Any, path: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(path, f"must be true or false, got {value!r}")
+        return value
+
     def number(self, value: Any, path: str, *, minimum: float = 0.0) -> float:
         if (
             isinstance(value, bool)
@@ -258,8 +263,8 @@ def assign(raw: dict[str, Any], key: str, value: Any) -> None:
 
 
 def train_keys() -> tuple[str, ...]:
-    """The keys of a ``train`` table: :class:`qrobust.train.TrainConfig`'s fields, so they cannot drift."""
-    from qrobust.train import TrainConfig
+    """The keys of a ``train`` table: :class:`~qrobust.train_config.TrainConfig`'s fields (cannot drift)."""
+    from qrobust.train_config import TrainConfig
 
     return tuple(f.name for f in fields(TrainConfig))
 
@@ -270,7 +275,7 @@ _POSITIVE = ("lr", "adam_eps")
 
 def train_table(c: Checker, value: Any, path: str) -> dict[str, Any]:
     """Check each key by its :class:`TrainConfig` field type, then by ``TrainConfig.validate``."""
-    from qrobust.train import TrainConfig
+    from qrobust.train_config import TrainConfig
 
     table = c.table(value, path)
     c.unknown(table, train_keys(), path)
@@ -280,6 +285,8 @@ def train_table(c: Checker, value: Any, path: str) -> dict[str, Any]:
         kind = types[k]
         if kind is str:
             out[k] = c.string(v, f"{path}.{k}")
+        elif kind is bool:  # before int: a TOML true is no number of epochs
+            out[k] = c.boolean(v, f"{path}.{k}")
         elif kind is int or int in get_args(kind):
             out[k] = c.integer(v, f"{path}.{k}", minimum=1 if k in _AT_LEAST_ONE else 0)
         else:

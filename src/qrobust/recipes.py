@@ -135,7 +135,7 @@ RECIPES: dict[str, Recipe] = {
 _SWEEP = {**_MNIST, "epochs": 4, "lr_schedule": "cosine", "seed": 0}
 RECIPES.update({
     f"mnistconv_w{k}a{k}": _r(f"mnistconv_w{k}a{k}", "mnistconv", "mnist",
-                              f"bit-width sweep: {k}-bit weights and activations, fine-tuned from mnistconv_fp",
+                              f"bit-width sweep: {k}-bit weights and activations, from mnistconv_fp",
                               _SWEEP, init_from="mnistconv_fp", wbits=k, abits=k)
     for k in (1, 2, 4, 8)
 })

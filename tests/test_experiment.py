@@ -97,7 +97,8 @@ def test_load_config_reports_toml_syntax_errors(tmp_path):
         load_config(path)
 
 
-@pytest.mark.parametrize("name", ["quickstart", "empir_mnist", "empir_cifar10", "qnn_detection_mnist"])
+@pytest.mark.parametrize("name", ["quickstart", "empir_mnist", "empir_cifar10", "qnn_detection_mnist",
+                                  "bitwidth_mnist"])
 def test_shipped_configs_validate(name):
     cfg = load_config(CONFIGS / f"{name}.toml", data_root="/nonexistent")  # validation needs no data
     assert cfg.name == name
@@ -107,14 +108,29 @@ def test_shipped_configs_validate(name):
     if name.startswith("empir"):  # EMPIR's protocol (scripts/reproduce_empir.py renders these labels)
         assert [e.targets for e in cfg.ensembles] == [["legacy", "adaptive", "adaptive_logits"]]
         assert {"FGSM", "BIM", "PGD", "CW-L2"} <= set(labels)
-        assert cfg.batch_size == 100 and all(a.labels == "pred" for a in cfg.attacks)
+        paper = [a for a in cfg.attacks if a.label in ("FGSM", "BIM", "PGD", "CW-L2")]
+        assert cfg.batch_size == 100 and all(a.labels == "pred" for a in paper)
         baseline = cfg.ensembles[0].members[-1]  # model 3, the full-precision member, is the baseline
-        assert all(set(a.models or ()) <= {baseline, "empir"} for a in cfg.attacks)
+        assert all(set(a.models or ()) <= {baseline, "empir"} for a in paper)
+        # the seeds' CW-L2 exactly (start included); qrobust's CW-L2 defaults beside it (issue 17)
+        from qrobust.attacks.cw import SEED_START_MARGIN
+
+        assert cfg.attack("CW-L2").params["start_margin"] == SEED_START_MARGIN
+        assert "start_margin" not in cfg.attack("CW-L2 (qrobust start)").params
+        worst = cfg.attack("worst case")  # on every member and the ensemble, at the table's eps
+        assert worst.name == "worst_case" and worst.labels == "true"
+        assert set(worst.models) == {m.name for m in cfg.models} | {"empir"}
+        assert worst.eps == [cfg.attack("PGD").table_eps]
     if name == "quickstart":
-        assert cfg.datasets["data"].source == "digits"
+        # the official MNIST test set (the embedded digits are MNIST TRAINING images: the zoo members saw
+        # them) and EMPIR's members from the zoo at their real accuracy, not toys trained here
+        assert cfg.datasets["data"].source == "mnist"
+        assert {m.recipe for m in cfg.models if m.recipe} == {"mnistconv_fp", "mnistconv_a4w2_m1",
+                                                             "mnistconv_a4w2_m2"}
         assert cfg.detection is not None and cfg.detection.models == ["mcd"]
     if name == "qnn_detection_mnist":  # seed A's rows and their adaptive versions
         assert cfg.detection is not None and len(cfg.detection.models) == 6
+        assert "worst case" not in cfg.detection.attacks and cfg.attack("worst case").models is None
         assert {cfg.attack(label).name for label in cfg.detection.attacks} == {
             "fgsm", "pgd", "jsma", "eot_pgd", "detector_aware_pgd"}
 

@@ -120,3 +120,34 @@ def test_experiment_checkpoint_accepts_zoo_names(zoos, tmp_path):
     bad.write_text(cfg_path.read_text().replace("zoo:tiny", "zoo:nope"))
     with pytest.raises(QrobustError, match=r"models\[0\].checkpoint: unknown recipe 'nope'"):
         load_config(bad)
+
+
+def _committed() -> list[str]:
+    from pathlib import Path
+
+    repo_zoo = Path(__file__).resolve().parents[1] / "zoo"
+    return sorted(p.parent.name for p in repo_zoo.glob(f"*/{CONFIG}"))
+
+
+@pytest.mark.parametrize("name", _committed())
+def test_committed_zoo_member_loads_offline_and_scores_what_it_recorded(name, monkeypatch):
+    """Each checkpoint committed in zoo/ is listed with matching hashes, was trained by its recipe's CURRENT
+    settings (else the resolver would skip it), and scores on the full official test set what its
+    config.json recorded at the end of training (an independent recomputation, eval-mode forward)."""
+    from conftest import SHARED_DATA
+    from qrobust.data import load_dataset
+    from qrobust.evaluate import accuracy
+
+    monkeypatch.delenv(zoo.ENV, raising=False)
+    pre = zoo.pretrained_dir()
+    assert {f"{name}/{CONFIG}", f"{name}/{WEIGHTS}"} <= set(zoo.read_sums(pre) or {})
+    assert zoo.find_recipe(name, [pre]) == pre / name, f"zoo/{name} no longer matches recipe {name}"
+    model = create_model(name, pretrained=True)
+    recorded = json.loads((pre / name / CONFIG).read_text())
+    dataset = recipes.get_recipe(name).dataset
+    if not (SHARED_DATA / f"{dataset}.npz").is_file():
+        pytest.skip(f"{SHARED_DATA}/{dataset}.npz not available")
+    x, y = load_dataset(dataset, root=SHARED_DATA).test.tensors()
+    with torch.no_grad():
+        acc = accuracy(model, x, y)
+    assert acc == pytest.approx(recorded["test_accuracy"], abs=6e-4)  # at most 6 of 10,000 images differ

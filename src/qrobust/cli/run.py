@@ -1,6 +1,6 @@
 """``qrobust run FILE``: run (or resume) an experiment file and write its report.
 
-    qrobust run configs/quickstart.toml
+    qrobust run configs/quickstart.toml --data-root ../shared/data
     qrobust run configs/empir_mnist.toml --data-root ../shared/data
     qrobust run configs/empir_mnist.toml --set data=../shared/data/mnist.npz --set samples=500
 

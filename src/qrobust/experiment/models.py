@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from qrobust.checkpoint import check_labels
 from qrobust.data import Dataset, data_digest, load_dataset
 from qrobust.errors import QrobustError
 from qrobust.experiment.config import ExperimentConfig, ModelSpec
@@ -116,6 +117,10 @@ class Models:
                 f"{spec.dataset!r} has {data.image_shape}; pick a matching model or dataset"
             )
         model.eval()
+        try:  # a zoo member or checkpoint on a dataset with more classes than it predicts: 0% by construction
+            check_labels(model, data.test)
+        except QrobustError as exc:
+            raise QrobustError(f"{self.cfg.source}: model {spec.name!r}: {exc}") from exc
         self.models[spec.name] = model
         self.hashes[spec.name] = key
         self.bits[spec.name] = bits_label(getattr(model, "qrobust_config", None))

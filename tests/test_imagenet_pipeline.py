@@ -42,9 +42,9 @@ def make_tree(root: Path, train: int = 6, val: int = 4, side: int = 80) -> Path:
 
 def overrides(tree: Path) -> list[str]:
     small = [f"models.{i}.arch=alexnet_small" for i in range(3)]
-    budget = ["samples=12", "batch_size=4", "train.epochs=1", "train.batch_size=6", "attacks.0.steps=3",
-              "attacks.2.steps=2", "attacks.3.steps=2", "attacks.1.eps=0.05", "attacks.2.eps=0.05",
-              "attacks.3.eps=0.05"]
+    budget = ["samples=8", "batch_size=4", 'ensembles.0.targets=["adaptive"]', "train.epochs=1",
+              "train.batch_size=6", "attacks.0.steps=3", "attacks.2.steps=2", "attacks.3.steps=2",
+              "attacks.1.eps=0.05", "attacks.2.eps=0.05", "attacks.3.eps=0.05"]
     return [f"datasets.imagenet.source={tree}", "datasets.imagenet.image_size=64", *small, *budget]
 
 
@@ -72,22 +72,40 @@ def test_empir_imagenet_config_trains_attacks_and_reports(tree, tmp_path):
         summary = run_experiment(cfg, progress=False)
     finally:
         torch.set_num_threads(threads)
-    # fp and the ensemble: clean + 4 attacks (the ensemble in 3 threat models); 3 members trained
-    assert (summary.total, summary.computed, summary.models_trained) == (2 + 4 + 12, 18, 3)
+    # fp and the ensemble (one threat model, for time): clean + 4 attacks; 3 members trained
+    assert (summary.total, summary.computed, summary.models_trained) == (2 + 4 + 4, 10, 3)
     assert summary.report is not None and Path(summary.report.index).is_file()
     recs = {(r["row"], r["attack"]): r for r in summary.records}
-    assert recs[("AlexNet", "clean")]["n"] == 12
-    assert all(len(r["correct_mask"]) == 12 for r in summary.records if r["kind"] == "attack")
+    assert recs[("AlexNet", "clean")]["n"] == 8
+    assert all(len(r["correct_mask"]) == 8 for r in summary.records if r["kind"] == "attack")
 
     # the same under torchrun, 2 CPU processes: rank 0 trains, every rank attacks its batches
     sets = [a for o in overrides(tree) for a in ("--set", o)]
     proc = _torchrun(["-m", "qrobust", "run", str(CONFIG), *sets, "--out", str(tmp_path / "two"), "--quiet"],
                      tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1])["computed"] == 18
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["computed"] == 10
     with ResultStore(tmp_path / "two" / "store.sqlite") as store:
         two = {r["key"]: r for r in store.results()}
     assert set(two) == {r["key"] for r in summary.records}  # same trained weights, same keys
     for r in summary.records:
         assert (two[r["key"]]["accuracy"], two[r["key"]].get("correct_mask")) == (
             r["accuracy"], r.get("correct_mask")), (r["row"], r["attack"])
+
+
+def test_cli_train_and_attack_read_the_tree_at_the_model_size(tree, tmp_path, capsys):
+    from qrobust.cli import main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["train", "--model", "alexnet_small", "--wbits", "2", "--abits", "2", "--data", str(tree),
+                     "--epochs", "1", "--batch-size", "6", "--out", str(tmp_path / "ck"), "--quiet"]) == 0
+        capsys.readouterr()
+        assert main(["attack", str(tmp_path / "ck"), "--attack", "fgsm", "--eps", "0.05", "--data", str(tree),
+                     "--batch-size", "4", "--json", "--quiet"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["n"] == record["n_attacked"] == 12  # the 12 val images at 64 px, all attacked (labels pred)
+    assert 0 < record["mean_linf_all"] <= 0.05 + 1e-6

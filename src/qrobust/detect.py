@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from qrobust.distributed import batch_seed, map_batches
 from qrobust.errors import QrobustError
 from qrobust.mc import group_prediction, mc_probs, predictive_variance
 
@@ -272,8 +273,6 @@ def _attack_all(model: nn.Module, attack: Callable[..., Tensor], x: Tensor, y: T
         res = evaluate_attack(model, attack, x, y, labels=labels, batch_size=batch, keep_adv=True,
                               progress=progress)
         return res.x_adv, res
-    from qrobust.distributed import map_batches
-
     advs = map_batches(lambda s, e: attack(model, x[s:e]).detach(), len(x), batch, seed=seed, device=x.device,
                        progress=progress)
     return torch.cat(advs), None
@@ -283,8 +282,6 @@ def mc_probs_batched(model: nn.Module, x: Tensor, samples: int, seed: int, batch
     """:func:`~qrobust.mc.mc_probs` over batches of ``batch`` inputs, each from its own generator seeded by
     ``(seed, batch index)`` (:func:`qrobust.distributed.batch_seed`): sharded over torchrun's ranks, the
     passes of an input are the same on any number of processes."""
-    from qrobust.distributed import batch_seed, map_batches
-
     def one(s: int, e: int) -> Tensor:
         gen = torch.Generator().manual_seed(batch_seed(seed, s // batch))
         return mc_probs(model, x[s:e], samples, generator=gen)

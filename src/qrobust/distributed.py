@@ -12,6 +12,10 @@ Every random draw of a batch comes from streams that depend only on the seed and
 (:func:`batch_seed`; the global RNG is reseeded before each batch, attacks seed their own generator
 per call): so for a fixed batch size, the numbers drawn for an image are a function of the seed and the
 image's index, and N ranks give exactly the per-image results of one process.
+
+Training (:func:`ddp_model`, :func:`train_batches`, hooked into :func:`qrobust.train.train`):
+DistributedDataParallel with a :class:`~torch.utils.data.DistributedSampler`, the global batch split over
+the ranks, rank 0 writing state and checkpoint; on a GPU, bfloat16 autocast on channels-last tensors.
 """
 
 from __future__ import annotations
@@ -88,7 +92,8 @@ _SOLO: list[bool] = []  # inside solo(): this process acts alone
 @contextlib.contextmanager
 def solo() -> Iterator[None]:
     """Work that one rank does alone (rank 0 training a missing model while the others wait): inside,
-    this process sees a world of one, so nothing in it waits for the other ranks (no DDP, no gathers)."""
+    this process sees a world of one (it is rank 0 of 1), so nothing in it waits for the other ranks (no
+    DDP, no gathers) and it writes what it makes."""
     _SOLO.append(True)
     try:
         yield
@@ -109,8 +114,13 @@ def init(device: torch.device | str = "cpu") -> bool:
     cuda``/``auto`` means "my GPU" on every rank.
     """
     launch = launch_env()
-    if not launch.multi or torch.distributed.is_initialized():
-        return torch.distributed.is_initialized()
+    if not launch.multi:
+        return _initialized()
+    if not torch.distributed.is_available():
+        raise QrobustError("torchrun started several processes but this PyTorch build has no "
+                           "torch.distributed; install a build with it or run one process")
+    if torch.distributed.is_initialized():
+        return True
     if torch.cuda.is_available():  # "cuda" (and --device auto) then means this rank's GPU
         torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
     torch.distributed.init_process_group(backend_for(device))
@@ -254,14 +264,15 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return -(-per_rank // rank_batch_size(batch_size))
 
 
-def train_batches(split: Any, batch_size: int, *, epoch: int, seed: int, generator: torch.Generator,
+def train_batches(split: Any, config: Any, *, epoch: int, generator: torch.Generator,
                   device: torch.device | str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One epoch of shuffled training batches of this rank.
+    """One epoch of shuffled training batches of this rank (``config``: a TrainConfig).
 
     One process: ``split.batches`` shuffled by ``generator`` (unchanged). Under torchrun:
-    :class:`~torch.utils.data.DistributedSampler` (seeded ``seed``, reshuffled per epoch) gives each rank
-    its share of one permutation, in batches of :func:`rank_batch_size`.
+    :class:`~torch.utils.data.DistributedSampler` (seeded ``config.seed``, reshuffled per epoch) gives each
+    rank its share of one permutation, in batches of :func:`rank_batch_size`.
     """
+    batch_size, seed = config.batch_size, config.seed
     if not is_distributed():
         yield from split.batches(batch_size, shuffle=True, generator=generator, device=device)
         return
@@ -279,12 +290,36 @@ def train_batches(split: Any, batch_size: int, *, epoch: int, seed: int, generat
         yield to_float(split.x[idx]).to(device, non_blocking=True), split.y[idx].to(device, non_blocking=True)
 
 
-def ddp_model(model: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
-    """``model`` wrapped in :class:`~torch.nn.parallel.DistributedDataParallel` under torchrun (gradients
-    averaged over the ranks in the backward pass; the weights start from rank 0's), else ``model``."""
+class GPUAutocast(torch.nn.Module):
+    """Forward under ``torch.autocast`` (bfloat16) on channels-last inputs, float32 logits out: how the
+    training loop steps a model on a GPU (tensor cores; bfloat16 needs no loss scaling). Holds ``model``
+    itself, so its weights and checkpoint stay float32 and unchanged."""
+
+    def __init__(self, model: torch.nn.Module, device_type: str = "cuda",
+                 dtype: torch.dtype = torch.bfloat16) -> None:
+        super().__init__()
+        self.model, self.device_type, self.dtype = model, device_type, dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            return self.model(x).float()
+
+
+def ddp_model(model: torch.nn.Module, device: torch.device | str, *, adversarial: bool = False
+              ) -> torch.nn.Module:
+    """The module the training loop steps: ``model`` under :class:`GPUAutocast` on a GPU with bfloat16
+    (weights moved to channels-last), wrapped in :class:`~torch.nn.parallel.DistributedDataParallel`
+    under torchrun (gradients averaged over the ranks in the backward pass; the weights start from rank
+    0's); on CPU in one process, ``model`` itself. ``adversarial`` training is refused under torchrun
+    (:func:`check_trainable`) and runs in float32 (its attack differentiates the inputs)."""
+    check_trainable(adversarial)
+    dev = torch.device(device)
+    if dev.type == "cuda" and not adversarial and torch.cuda.is_bf16_supported():
+        model = GPUAutocast(model.to(memory_format=torch.channels_last))
     if not is_distributed():
         return model
-    dev = torch.device(device)
     ids = None
     if dev.type == "cuda":
         ids = [dev.index if dev.index is not None else torch.cuda.current_device()]
@@ -304,7 +339,7 @@ def sum_over_ranks(*values: float) -> list[float]:
     return [sum(col) for col in zip(*all_gather(list(values)), strict=True)]
 
 
-__all__ = ["Launch", "all_gather", "backend_for", "barrier", "batch_bounds", "batch_seed", "broadcast",
-           "cat_batches", "check_trainable", "ddp_model", "destroy", "init", "is_distributed", "is_main",
-           "launch_env", "map_batches", "my_batches", "rank", "rank_batch_size", "session", "steps_per_epoch",
-           "solo", "sum_over_ranks", "train_batches", "world_size"]
+__all__ = ["GPUAutocast", "Launch", "all_gather", "backend_for", "barrier", "batch_bounds", "batch_seed",
+           "broadcast", "cat_batches", "check_trainable", "ddp_model", "destroy", "init", "is_distributed",
+           "is_main", "launch_env", "map_batches", "my_batches", "rank", "rank_batch_size", "session", "solo",
+           "steps_per_epoch", "sum_over_ranks", "train_batches", "world_size"]

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from qrobust.distributed import cat_batches, map_batches
+
 
 @torch.no_grad()
 def predict(model: nn.Module, x: Tensor, batch_size: int = 500) -> Tensor:
@@ -130,8 +132,6 @@ def _attack_batches(model: nn.Module, attack: Callable[..., Tensor], x: Tensor,
     RNG is reseeded per batch from ``(attack.seed, batch index)``, so dropout masks drawn during a batch
     do not depend on where it ran (:func:`qrobust.distributed.map_batches`).
     """
-    from qrobust.distributed import cat_batches, map_batches
-
     def batch(s: int, e: int) -> dict[str, Tensor]:
         xb = x[s:e]
         with torch.no_grad():
@@ -169,7 +169,9 @@ def evaluate_attack(
     ``labels``: what an untargeted attack moves away from: ``"pred"`` (the model's clean predictions,
     as both seeds did) or ``"true"``. A targeted attack (``attack.targeted``) aims at ``targets``
     (tensor or one class); ``None`` draws a random class different from the clean prediction,
-    seeded by ``attack.seed``. The model's train/eval mode is left as the caller set it.
+    seeded by ``attack.seed``. The model's train/eval mode is left as the caller set it. Under torchrun
+    the batches are sharded over the ranks and every rank returns the whole result, image by image what
+    one process computes (:func:`qrobust.distributed.map_batches`); ``seconds`` is the wall time.
     """
     from qrobust.errors import QrobustError
 

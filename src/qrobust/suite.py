@@ -38,6 +38,7 @@ from qrobust.attacks.base import Attack, check_bounds, check_count, check_nonneg
 from qrobust.attacks.losses import LossFn, resolve_loss
 from qrobust.attacks.registry import register_attack
 from qrobust.attacks.square import Square
+from qrobust.distributed import map_batches
 from qrobust.ensemble import AttackTarget, Ensemble, VoteView
 from qrobust.errors import QrobustError
 from qrobust.evaluate import wilson_interval
@@ -337,10 +338,19 @@ def worst_case(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int = 500,
     check_count("batch_size", batch_size)
     attack = WorstCase(**settings)
     y = y.to(x.device)
-    advs = [attack(model, x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
-    report = attack.report
-    assert report is not None
-    report.x_adv = torch.cat(advs)
+
+    def batch(s: int, e: int) -> tuple[Tensor, WorstCaseReport]:
+        attack.reset_report()  # one report per batch (each call draws from the attack's seed afresh)
+        adv = attack(model, x[s:e], y[s:e])
+        assert attack.report is not None
+        return adv, attack.report
+
+    # batches sharded over torchrun's ranks and gathered in order (one process: all, in order)
+    outs = map_batches(batch, len(x), batch_size, device=x.device)
+    report = outs[0][1]
+    for _, other in outs[1:]:
+        report.merge(other)
+    report.x_adv = torch.cat([adv for adv, _ in outs])
     return report
 
 

@@ -24,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from qrobust import distributed as dist
 from qrobust.adversary import setup_training, training_loss
 from qrobust.checkpoint import (
     check_checkpoint_target,
@@ -232,6 +233,8 @@ def train(
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     opt = make_optimizer(model, config)
+    # under torchrun: DistributedDataParallel, gradients averaged over the ranks
+    net = dist.ddp_model(model, device, adversarial=bool(adversary or config.adv_method or config.co_guard))
     data = train_split.head(config.max_train) if config.max_train else train_split
     objective = guard = None
     if config.adv_method or config.co_guard:  # imported here: qrobust.adversary imports this module
@@ -242,11 +245,11 @@ def train(
     x_test = y_test = None
     if test_split is not None:
         x_test, y_test = test_split.tensors(device)
-    steps_per_epoch = -(-len(data) // config.batch_size)
+    steps_per_epoch = dist.steps_per_epoch(len(data), config.batch_size)
     for epoch in range(start, config.epochs if guard is None or not guard.stopped else start):
         t0 = time.perf_counter()
         model.train()
-        batches = data.batches(config.batch_size, shuffle=True, generator=gen, device=device)
+        batches = dist.train_batches(data, config, epoch=epoch, generator=gen, device=device)
         if progress:
             from tqdm import tqdm
 
@@ -254,8 +257,8 @@ def train(
                            leave=False)
         adv = adversary if adversary is not None and epoch >= config.adv_start_epoch else None
         obj = objective if objective is not None and epoch >= config.adv_start_epoch else None
-        total_loss, correct, seen = _run_epoch(model, opt, batches, config, epoch, steps_per_epoch, adv, obj,
-                                               guard)
+        total_loss, correct, seen = dist.sum_over_ranks(*_run_epoch(net, opt, batches, config, epoch,
+                                                                     steps_per_epoch, adv, obj, guard))
         seconds = time.perf_counter() - t0
         model.eval()
         test_acc = accuracy(model, x_test, y_test) if x_test is not None else float("nan")
@@ -265,7 +268,7 @@ def train(
         extra = {}
         if guard is not None:
             extra, result.co_guard = guard.state()
-        if sdir is not None:
+        if sdir is not None and dist.is_main():  # under torchrun rank 0 writes the state
             _save_state(sdir, model, opt, gen, result, epoch + 1, fingerprint, extra)
         if on_epoch is not None:
             on_epoch(record)
@@ -305,6 +308,8 @@ def train_to_checkpoint(
     result = train(model, data.train, test, config, device=device, adversary=adversary, state_dir=state,
                    progress=show_progress(progress), on_epoch=on_epoch)
     record = {"train": asdict(config), **(info or {}), **result.as_dict(), "test_samples": len(test)}
-    save_checkpoint(directory, model, record, overwrite=overwrite)
-    shutil.rmtree(state, ignore_errors=True)
+    if dist.is_main():  # under torchrun rank 0 writes the checkpoint; the others wait for it
+        save_checkpoint(directory, model, record, overwrite=overwrite)
+        shutil.rmtree(state, ignore_errors=True)
+    dist.barrier()
     return result

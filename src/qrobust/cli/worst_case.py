@@ -21,6 +21,7 @@ from qrobust.cli.common import (
     one_line_errors,
     positive_int,
 )
+from qrobust.distributed import is_main
 
 
 def _suite(text: str) -> list[str]:
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
           f"eps {report.eps:g}\n\n{report.markdown()}\n\n"
           f"worst-case robust accuracy {report.accuracy:.4f} [95% CI {lo:.4f}, {hi:.4f}]")
     record = {"models": list(args.models), "dataset": data.name, "settings": settings, **report.as_dict()}
-    if args.json_out:
+    if args.json_out and is_main():  # under torchrun every rank holds the gathered report; rank 0 writes
         atomic_write_json(args.json_out, record)
     if args.json:
         print(json.dumps(record))

@@ -88,11 +88,17 @@ def test_targeted_apgd_reaches_targets(trained_mnistconv, batch):
 
 
 def test_apgd_passes_and_eot(trained_mnistconv, batch):
-    """steps forward+backward passes and one last forward, each times K with eot_samples=K."""
+    """steps forward+backward passes and one last forward, each times K with eot_samples=K; fooled
+    samples leave the batch, so a batch fooled from the start costs only the first pass."""
     x, y = batch
     counting = Counting(trained_mnistconv)
-    APGD(eps=0.1, steps=7, eot_samples=3)(counting, x[:8], y[:8])
+    APGD(eps=0.001, steps=7, eot_samples=3)(counting, x[:8], y[:8])  # nothing falls at eps 0.001
     assert counting.calls == (7 + 1) * 3
+    counting.calls = 0
+    with torch.no_grad():
+        wrong = (trained_mnistconv(x[:8]).argmax(1) + 1) % 10  # every sample "fooled" already
+    adv = APGD(eps=0.1, steps=7, eot_samples=3)(counting, x[:8], wrong)
+    assert counting.calls == 3 and within(adv, x[:8], 0.1, "Linf")
 
 
 # -- Square vs torchattacks --

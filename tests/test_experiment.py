@@ -312,6 +312,10 @@ def test_bumping_an_attack_version_recomputes_only_its_cells(tmp_path, monkeypat
     assert plan.code_versions(PGD()) == plan.code_versions(PGD(), detection=True) == {}
     monkeypatch.setattr(plan, "DETECTION_VERSION", "3")
     assert plan.code_versions(PGD(), detection=True) == {"code": {"detection": "3"}}
+    from qrobust.suite import WorstCase  # Square's L2 change reaches the worst case's L2 cells only
+
+    assert plan.code_versions(WorstCase(eps=0.3)) == {}
+    assert plan.code_versions(WorstCase(eps=1.0, norm="L2")) == {"code": {"attack": "2"}}
     assert plan.code_versions(PGD()) == {}
 
 

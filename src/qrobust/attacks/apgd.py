@@ -6,7 +6,8 @@ most ``rho`` of the steps since the last checkpoint, or whose step was not halve
 loss did not improve; a halved sample restarts from its best point. That removes the step-size tuning
 that lets a weak PGD overstate robustness. Gradients come from ``input_gradient``, so ``eot_samples=K``
 attacks a randomized net with the gradient expected over K passes. The last step needs only a forward
-pass, so APGD-``steps`` costs ``steps`` forward+backward passes and one forward.
+pass, so APGD-``steps`` costs ``steps`` forward+backward passes and one forward, each on the samples not
+fooled yet (a fooled sample leaves the batch at once).
 """
 
 from __future__ import annotations
@@ -108,6 +109,11 @@ class APGD(Attack):
             return grad.sign_()
         return grad.div_(per_sample_norm(grad).add_(1e-12))
 
+    def _checkpoint_gaps(self) -> tuple[int, int, int]:
+        """(first gap, smallest gap, shrink per checkpoint) in steps: first after 22% of the steps, then
+        gaps shrinking by 3% of them down to 6%."""
+        return tuple(max(int(f * self.steps), 1) for f in (0.22, 0.06, 0.03))  # type: ignore[return-value]
+
     def _single(self, model: nn.Module, x: Tensor, y_loss: Tensor, y_goal: Tensor, loss_fn: LossFn,
                 sign: float, targeted: bool, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
         """One APGD run. Returns (adv, best objective, fooled): adv is the first fooling point found,
@@ -127,9 +133,7 @@ class APGD(Attack):
         best_x, best_obj, best_grad = cur.clone(), obj.clone(), grad.clone()
         step = x.new_full((n,), 2 * self.eps)
         prev_x, prev_obj = cur.clone(), obj
-        # checkpoint schedule: first after 22% of the steps, then gaps shrinking by 3% down to 6%
-        gap, gap_min, gap_decr = max(int(0.22 * self.steps), 1), max(int(0.06 * self.steps), 1), \
-            max(int(0.03 * self.steps), 1)
+        gap, gap_min, gap_decr = self._checkpoint_gaps()
         since, rises = 0, torch.zeros(n, device=x.device)
         best_at_check, halved_at_check = best_obj.clone(), torch.zeros(n, dtype=torch.bool, device=x.device)
         for i in range(self.steps):

@@ -67,12 +67,10 @@ def _target(text: str) -> int | str:
     if text == "random":
         return text
     try:
-        value = int(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"--target must be a class index or 'random', got {text!r}") from exc
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"--target must be >= 0, got {value}")
-    return value
+        return nonneg_int(text)
+    except argparse.ArgumentTypeError as exc:
+        msg = f"--target must be a class index >= 0 or 'random', got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from exc
 
 
 def _save_adv(path: str, x, x_adv, y, result) -> None:

@@ -150,13 +150,9 @@ def _datasets(c: Checker, raw: dict[str, Any]) -> dict[str, DatasetSpec]:
 
 
 def _models(c: Checker, value: Any, datasets: dict[str, DatasetSpec]) -> list[ModelSpec]:
-    if not isinstance(value, list):
-        raise c.fail("models", "must be an array of tables ([[models]])")
     out: list[ModelSpec] = []
     seen: set[str] = set()
-    for i, item in enumerate(value):
-        path = f"models[{i}]"
-        t = c.table(item, path)
+    for path, t in c.tables(value, "models"):
         c.unknown(t, ("name", "label", "arch", "options", "train", "recipe", "checkpoint", "dataset"), path)
         if "name" not in t:
             raise c.fail(f"{path}.name", "missing; every model needs a unique name used in the report")
@@ -235,13 +231,9 @@ def _checkpoint(c: Checker, t: dict[str, Any], spec: ModelSpec, path: str) -> No
 
 
 def _ensembles(c: Checker, value: Any, models: list[ModelSpec]) -> list[EnsembleSpec]:
-    if not isinstance(value, list):
-        raise c.fail("ensembles", "must be an array of tables ([[ensembles]])")
     names = {m.name for m in models}
     out: list[EnsembleSpec] = []
-    for i, item in enumerate(value):
-        path = f"ensembles[{i}]"
-        t = c.table(item, path)
+    for path, t in c.tables(value, "ensembles"):
         c.unknown(t, ("name", "label", "members", "targets", "options"), path)
         if "name" not in t:
             raise c.fail(f"{path}.name", "missing")
@@ -314,13 +306,9 @@ def _eps_list(c: Checker, value: Any, path: str) -> list[float]:
 
 
 def _attacks(c: Checker, value: Any, targets: list[str]) -> list[AttackSpec]:
-    if not isinstance(value, list):
-        raise c.fail("attacks", "must be an array of tables ([[attacks]])")
     out: list[AttackSpec] = []
     labels: set[str] = set()
-    for i, item in enumerate(value):
-        path = f"attacks[{i}]"
-        t = c.table(item, path)
+    for path, t in c.tables(value, "attacks"):
         if "name" not in t:
             raise c.fail(f"{path}.name", "missing; one of fgsm, bim, pgd, cw, jsma")
         name = c.string(t["name"], f"{path}.name").lower()

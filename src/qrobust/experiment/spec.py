@@ -135,6 +135,12 @@ class Checker:
     def fail(self, path: str, message: str) -> QrobustError:
         return QrobustError(f"{self.source}: {path}: {message}" if path else f"{self.source}: {message}")
 
+    def tables(self, value: Any, key: str) -> list[tuple[str, dict[str, Any]]]:
+        """An array of tables (``[[key]]``) as (path, table) pairs, each checked to be a table."""
+        if not isinstance(value, list):
+            raise self.fail(key, f"must be an array of tables ([[{key}]])")
+        return [(f"{key}[{i}]", self.table(item, f"{key}[{i}]")) for i, item in enumerate(value)]
+
     def table(self, value: Any, path: str) -> dict[str, Any]:
         if not isinstance(value, dict):
             raise self.fail(path, f"must be a table, got {_tname(value)}")

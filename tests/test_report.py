@@ -202,13 +202,34 @@ def test_empir_page_is_rendered_from_the_store_with_generated_findings(tmp_path)
                   "attack_config": {"eps": eps}} for m, k in masks.items()]
         recs.append({"kind": "attack", "target": "fp", "attack": a, "eps": eps, "mode": None, "n": 4,
                      "accuracy": 0.25, "correct": 1, "correct_mask": "0001", "attack_config": {"eps": eps}})
+    # the per-image worst case (suite: APGD-CE breaks 2 images, Square the other 2) and qrobust's CW-L2
+    per = [{"attack": "apgd_ce", "attacked": 4, "broken": 2, "robust_accuracy": 0.5},
+           {"attack": "square", "attacked": 2, "broken": 2, "robust_accuracy": 0.0}]
+    wc = cfg.attack(empir.WORST)
+    recs += [{"kind": "attack", "target": t, "attack": empir.WORST, "eps": wc.table_eps, "mode": m, "n": 4,
+              "accuracy": 0.0, "correct": 0, "correct_mask": "0000", "attack_name": "worst_case",
+              "attack_config": {"eps": wc.table_eps, "report": {"per_attack": per}}}
+             for t, m in (("empir", "adaptive_logits"), ("fp", None))]
+    recs += [{"kind": "attack", "target": "empir", "attack": empir.CW_QROBUST, "eps": None, "mode": m, "n": 4,
+              "accuracy": 0.25, "correct": 1, "attack_config": {}, "attack_result": {"mean_l2": 1.5}}
+             for m in ("adaptive", "adaptive_logits")]  # the seeds' CW-L2 left 3 of 4 in both (masks above)
     store = tmp_path / "store.sqlite"
     with ResultStore(store) as st:
         for i, r in enumerate(recs):
             st.put_result({**r, "key": f"k{i}", "seconds": 0.0, "qrobust_version": "0.1.0"})
     page = empir.render("mnist", cfg, empir.latest_records(store), "python scripts/reproduce_empir.py", store)
     worst = next(line for line in page.splitlines() if "worst of legacy, adaptive, adaptive logits" in line)
-    assert worst.count("25.0 [") == 4 and worst.endswith("| 25.00 |")  # image 2 alone survives all three
+    # image 2 alone survives all three threat models; the worst case (0 of 4: Wilson [0, 3.84 / 7.84])
+    assert worst.count("25.0 [") == 4 and worst.endswith("| 25.00 | 0.0 [0.0, 49.0] |")
+    wc_row = next(line for line in page.splitlines() if line.startswith("| EMPIR a4w2/a4w2/FP |"))
+    assert "| **0.0 [0.0, 49.0]** | apgd_ce 50.0 → square 0.0 | 2 |" in wc_row
+    # every seeds' cell of the ensemble left 3 of 4 images; CW-L2 (L2, unbounded) is not an L-inf cell at 0.3
+    assert "75.0 [30.1, 95.4] (FGSM legacy)" in wc_row
+    assert "75.0 points below its strongest seeds'-protocol cell" in page
+    assert "gradient masking suspected" in page
+    assert "Square (gradient-free) broke 2 images" in page
+    assert "from 75.0% to 25.0% (mean L2 of successes — → 1.50)" in page
+    assert "Recompute: `QROBUST_ZOO=artifacts/zoo qrobust run configs/empir_mnist.toml" in page
     assert "legacy) the ensemble keeps 75.00% on average" in page  # 3 of 4 images under every attack
     assert "falls to 25.00% (-50.00 points from legacy" in page
     assert "baseline alone averages 25.00% (README: 4.92%)" in page
@@ -249,4 +270,84 @@ def test_qnn_detection_page_findings_come_from_the_stored_cells(tmp_path):
             "adversarial inputs look more certain than the clean ones; adversarial accuracy 20.0%; mean "
             "variance 1.00e-03 → 5.00e-05).") in page
     assert "| FP + dropout 0.5 | JSMA | 100 | 99.2 / 32.8 / 93.9 |" in page  # seed A's logged row beside
+    assert "per-image worst case" not in page  # no worst-case cell stored: no such section
     assert (tmp_path / "figures" / "qnn_detection_fp_d05.png").is_file()
+
+
+def test_qnn_detection_page_shows_the_worst_case_beside_the_seed_attacks(tmp_path):
+    """The defense-accuracy section: the seed's attacks, the strongest adaptive row (lowest accuracy) and the
+    EOT suite's worst case with its stored breakdown, per model (hand-made records, 10 images)."""
+    from pathlib import Path
+
+    from qrobust.experiment import ResultStore, load_config
+
+    qnn = _script("reproduce_qnn_detection")
+    cfg = load_config(Path(qnn.REPO) / "configs" / "qnn_detection_mnist.toml")
+    per = [{"attack": "apgd_ce_eot", "broken": 4, "robust_accuracy": 0.3},
+           {"attack": "apgd_t_eot", "broken": 0, "robust_accuracy": 0.3},
+           {"attack": "square_eot", "broken": 1, "robust_accuracy": 0.2}]
+
+    def rec(attack, correct, **extra):
+        eps = cfg.attack(attack).table_eps if attack != "clean" else None
+        return {"kind": "clean" if attack == "clean" else "attack", "target": "rbnn", "attack": attack,
+                "eps": eps, "mode": None, "n": 10, "accuracy": correct / 10, "correct": correct, **extra}
+
+    recs = [rec("clean", 9), rec("FGSM", 6), rec("PGD", 5), rec("PGD EOT K=4", 4), rec("FGSM EOT K=4", 7),
+            # the suite judges on the Monte-Carlo mean (2 of 10 robust); one pass on its outputs says 3
+            rec(qnn.WORST, 3, attack_name="worst_case",
+                attack_config={"report": {"per_attack": per, "worst_case_accuracy": 0.2, "n": 10}})]
+    store = tmp_path / "store.sqlite"
+    with ResultStore(store) as st:
+        for i, r in enumerate(recs):
+            st.put_result({**r, "key": f"k{i}", "seconds": 12.0})
+    page = qnn.render(cfg, qnn.latest_records(store), "python scripts/reproduce_qnn_detection.py", store,
+                      tmp_path / "qnn.md")
+    row = next(line for line in page.splitlines() if line.startswith("| randomized BNN | 10 |"))
+    # clean 9/10 (Wilson [59.6, 98.2]); FGSM, PGD, JSMA (not run); strongest adaptive = PGD EOT (4/10)
+    assert row.startswith("| randomized BNN | 10 | 90.0 [59.6, 98.2] | 60.0 [31.3, 83.2] | "
+                          "50.0 [23.7, 76.3] | – | 40.0 [16.8, 68.7] (PGD EOT K=4) | "
+                          "**20.0 [5.7, 51.0]** (one pass on its outputs: 30.0) | ")
+    assert "apgd_ce_eot 30.0 → apgd_t_eot 30.0 → square_eot 20.0 | 1 | 12 |" in row
+    assert ("randomized BNN: worst case 20.0% at eps 0.3, 40.0 points below FGSM (60.0%); Square broke 1 "
+            "images every gradient attack of the suite left standing.") in page
+
+
+def test_bitwidth_page_puts_pgd_beside_the_worst_case_per_bit_width(tmp_path):
+    """scripts/reproduce_bitwidth.py: one row per bit width (sorted, FP = 32), the PGD - worst gap, Square's
+    share from the stored suite report, findings from the numbers and a figure (hand-made records)."""
+    from pathlib import Path
+
+    from qrobust.experiment import ResultStore, load_config
+
+    bw = _script("reproduce_bitwidth")
+    cfg = load_config(Path(bw.REPO) / "configs" / "bitwidth_mnist.toml")
+    assert [bw.bits_of(m) for m in cfg.models] == [1, 2, 4, 8, 32]
+    # (model, PGD correct at 0.1, worst-case correct at 0.1) of 10 images; 0.3 left unrun
+    cells = {"w1a1": (8, 1), "w4a4": (6, 4), "fp": (3, 3)}
+    per = [{"attack": "apgd_ce", "broken": 5}, {"attack": "apgd_t", "broken": 1},
+           {"attack": "square", "broken": 3}]
+    recs = []
+    for m, (p, w) in cells.items():
+        recs.append({"kind": "clean", "target": m, "attack": "clean", "eps": None, "mode": None, "n": 10,
+                     "accuracy": 1.0, "correct": 10})
+        recs.append({"kind": "attack", "target": m, "attack": "PGD", "eps": 0.1, "mode": None, "n": 10,
+                     "accuracy": p / 10, "correct": p, "attack_config": {"steps": 40}})
+        recs.append({"kind": "attack", "target": m, "attack": "worst case", "eps": 0.1, "mode": None, "n": 10,
+                     "accuracy": w / 10, "correct": w, "attack_name": "worst_case",
+                     "attack_config": {"steps": 100, "report": {"per_attack": per}}})
+    store = tmp_path / "store.sqlite"
+    with ResultStore(store) as st:
+        for i, r in enumerate(recs):
+            st.put_result({**r, "key": f"k{i}", "seconds": 30.0, "qrobust_version": "0.1.0"})
+    out = tmp_path / "bitwidth.md"
+    page = bw.render(cfg, bw.latest_records(store), "python scripts/reproduce_bitwidth.py", store, out)
+    rows = [line for line in page.splitlines() if line.startswith("| ") and "MNISTconv" in line]
+    assert [r.split(" | ")[0] for r in rows] == ["| 1", "| 2", "| 4", "| 8", "| 32"]
+    # w1a1: PGD 80.0 (Wilson 8/10 = [49.0, 94.3]), worst case 10.0, gap +70.0, Square broke 3
+    assert "| 80.0 [49.0, 94.3] | **10.0 [1.8, 40.4]** | +70.0 | 3 | not run | not run | — | — |" in rows[0]
+    assert "not run" in rows[1] and "+0.0" in rows[4]
+    assert ("At eps 0.1 the per-image worst case ranges from 10.0% (1 bits) to 40.0% (4 bits); PGD "
+            "overstates it most at 1 bits, by 70.0 points (80.0% vs 10.0%); gradient masking suspected (PGD "
+            "10+ points above the worst case) at 1, 4 bits.") in page  # fp's gap is 0: not flagged
+    assert "Compute time of the cells: 4.5 min" in page  # 9 cells x 30 s
+    assert (tmp_path / "figures" / "bitwidth_mnist.png").is_file()

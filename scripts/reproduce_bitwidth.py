@@ -145,7 +145,8 @@ def render(cfg: Any, records: dict, command: str, store: Path, out: Path) -> str
     n = next((r["clean"]["n"] for r in rows if r["clean"]), cfg.samples)
     total = sum(float(r.get("seconds") or 0) for r in records.values())
     lines = [stamp(command, store, records), "",
-             f"Recompute: `QROBUST_ZOO=artifacts/zoo qrobust run configs/{Path(str(cfg.source)).name} "
+             f"Recompute (members from the committed zoo/): "
+             f"`qrobust run configs/{Path(str(cfg.source)).name} "
              f"--data-root ../shared/data && {command}` (each cell is cached; a rerun computes only missing "
              f"cells). Compute time of the cells: {total / 60:.1f} min (sum of the stored cells' seconds).",
              "",

@@ -307,7 +307,7 @@ def recompute_text(cfg: Any, command: str, records: dict) -> list[str]:
     if (REPO / "configs" / src.name).is_file():
         src = Path("configs") / src.name
     total = sum(float(r.get("seconds") or 0) for r in records.values())
-    return [f"Recompute: `QROBUST_ZOO=artifacts/zoo qrobust run {src} --data-root ../shared/data && "
+    return [f"Recompute (members from the committed zoo/): `qrobust run {src} --data-root ../shared/data && "
             f"{command}` (each cell is cached in the store; a rerun computes only missing cells). Compute "
             f"time of the cells: {total / 60:.1f} min (sum of the newest stored cells' seconds)."]
 

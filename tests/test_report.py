@@ -229,7 +229,7 @@ def test_empir_page_is_rendered_from_the_store_with_generated_findings(tmp_path)
     assert "gradient masking suspected" in page
     assert "Square (gradient-free) broke 2 images" in page
     assert "from 75.0% to 25.0% (mean L2 of successes — → 1.50)" in page
-    assert "Recompute: `QROBUST_ZOO=artifacts/zoo qrobust run configs/empir_mnist.toml" in page
+    assert "`qrobust run configs/empir_mnist.toml --data-root ../shared/data" in page
     assert "legacy) the ensemble keeps 75.00% on average" in page  # 3 of 4 images under every attack
     assert "falls to 25.00% (-50.00 points from legacy" in page
     assert "baseline alone averages 25.00% (README: 4.92%)" in page

@@ -21,7 +21,7 @@ from typing import Any
 
 from qrobust.evaluate import wilson_interval
 from qrobust.experiment import load_config
-from qrobust.experiment.results import latest_records, stamp
+from qrobust.experiment.results import attack_settings_lines, latest_records, stamp
 from qrobust.experiment.runner import STORE_NAME
 from qrobust.utils import update_marked_section
 
@@ -173,16 +173,11 @@ PROTOCOL = (
 )
 
 
+SETTINGS_SKIP = {"attack", "bounds", "targeted", "eot_samples", "loss", "report", "eps"}
+
+
 def settings_text(records: dict) -> list[str]:
-    """Each attack's settings as stored in its records' ``attack_config`` (what the code ran)."""
-    seen: dict[str, str] = {}
-    skip = {"attack", "bounds", "targeted", "eot_samples", "loss", "report", "eps"}
-    for r in records.values():
-        if r["kind"] == "attack" and r["attack"] not in seen:
-            cfg = r.get("attack_config", {})
-            kept = [(k, v) for k, v in sorted(cfg.items()) if k not in skip and v is not None]
-            seen[r["attack"]] = ", ".join(f"{k} {v}" for k, v in kept)
-    return [f"- {label}: {text}" for label, text in seen.items()]
+    return attack_settings_lines(records, SETTINGS_SKIP)
 
 
 def main() -> int:

@@ -20,7 +20,7 @@ from typing import Any
 
 from qrobust.evaluate import wilson_interval
 from qrobust.experiment import load_config
-from qrobust.experiment.results import latest_records, stamp
+from qrobust.experiment.results import attack_settings_lines, latest_records, stamp
 from qrobust.experiment.runner import STORE_NAME
 from qrobust.utils import update_marked_section
 
@@ -228,17 +228,12 @@ def findings(numbers: dict[str, Any], paper: dict[str, Any]) -> list[str]:
     return out
 
 
+SETTINGS_SKIP = {"attack", "bounds", "targeted", "eot_samples", "ensemble_mode", "target_output", "target",
+                 "loss", "report"}
+
+
 def settings_text(records: dict) -> list[str]:
-    """Each attack's settings as stored in its records' ``attack_config`` (what the code ran)."""
-    seen: dict[str, str] = {}
-    skip = {"attack", "bounds", "targeted", "eot_samples", "ensemble_mode", "target_output", "target", "loss",
-            "report"}
-    for r in records.values():
-        if r["kind"] == "attack" and r["attack"] not in seen:
-            cfg = r.get("attack_config", {})
-            kept = [(k, v) for k, v in sorted(cfg.items()) if k not in skip and v is not None]
-            seen[r["attack"]] = ", ".join(f"{k} {v}" for k, v in kept)
-    return [f"- {label}: {text}" for label, text in seen.items()]
+    return attack_settings_lines(records, SETTINGS_SKIP)
 
 
 def render(dataset: str, cfg: Any, records: dict, command: str, store: Path) -> str:

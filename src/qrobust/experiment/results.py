@@ -62,3 +62,15 @@ def stamp(command: str, store_path: str | os.PathLike, records: dict[Cell, dict[
     return (f"Rendered by `{command}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} "
             f"({code_version()}) from the store `{store_path}`{ran}"
             + (f" by qrobust {', '.join(versions)}" if versions else "") + ".")
+
+
+def attack_settings_lines(records: dict[Cell, dict[str, Any]], skip: set[str]) -> list[str]:
+    """One markdown bullet per attack: its settings as stored in its records' ``attack_config`` (what the
+    code ran), leaving out the keys in ``skip`` (those a page shows elsewhere)."""
+    seen: dict[str, str] = {}
+    for r in records.values():
+        if r["kind"] == "attack" and r["attack"] not in seen:
+            cfg = r.get("attack_config", {})
+            kept = [(k, v) for k, v in sorted(cfg.items()) if k not in skip and v is not None]
+            seen[r["attack"]] = ", ".join(f"{k} {v}" for k, v in kept)
+    return [f"- {label}: {text}" for label, text in seen.items()]

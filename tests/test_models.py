@@ -32,6 +32,7 @@ CASES = [
     ("cifarconv", {"wbits": 4, "abits": 2}, CIFARCONV, (3, 32, 32)),
     ("cifarconv", {"wbits": 2, "abits": 2}, CIFARCONV, (3, 32, 32)),
     ("mnistconv", {"extra_bias": True}, MNISTCONV + 10, (1, 28, 28)),  # qrobust's former layout
+    ("mnistconv", {"bias": True}, MNISTCONV + 64 + 128 + 128 + 10, (1, 28, 28)),  # CleverHans' ModelBasicCNN
     ("cifarconv", {"wbits": 2, "abits": 2, "extra_bias": True}, CIFARCONV + 32 + 32 + 64 + 10, (3, 32, 32)),
     ("qnn_fp", {}, QNN_FP, (1, 28, 28)),
     ("qnn_fp", {"dropout": 0.5}, QNN_FP, (1, 28, 28)),
@@ -178,7 +179,7 @@ def test_registry_errors_and_config():
     m = create_model("mnistconv", wbits=2)
     assert m.qrobust_config == {"name": "mnistconv", "input_shape": [1, 28, 28],
                                 "kwargs": {"wbits": 2, "abits": 32, "dropout": 0.0, "mc_dropout": False,
-                                           "extra_bias": False}}
+                                           "extra_bias": False, "bias": False}}
 
 
 def test_register_model_extends_factory():

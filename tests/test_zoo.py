@@ -151,3 +151,28 @@ def test_committed_zoo_member_loads_offline_and_scores_what_it_recorded(name, mo
     with torch.no_grad():
         acc = accuracy(model, x, y)
     assert acc == pytest.approx(recorded["test_accuracy"], abs=6e-4)  # at most 6 of 10,000 images differ
+
+
+def test_recipe_match_ignores_options_added_later_at_their_default(tmp_path):
+    """A checkpoint written before a model family gained an option (recorded kwargs lack it) still matches
+    its recipe while the recipe keeps the default; a changed value or training setting does not."""
+    import json
+
+    from qrobust.checkpoint import CONFIG
+    from qrobust.models.registry import get_entry
+    from qrobust.recipes import get_recipe, matches
+
+    recipe = get_recipe("mnistconv_fp")
+    kwargs = {**get_entry("mnistconv").params(), **recipe.model_kwargs}
+    old_kwargs = {k: v for k, v in kwargs.items() if k != "bias"}
+
+    def write(kw: dict, train: dict) -> None:
+        info = {"model": {"name": "mnistconv", "kwargs": kw}, "train": train}
+        (tmp_path / CONFIG).write_text(json.dumps(info))
+
+    write(old_kwargs, recipe.train)
+    assert matches(tmp_path, recipe)
+    write({**old_kwargs, "bias": True}, recipe.train)
+    assert not matches(tmp_path, recipe)
+    write(old_kwargs, {**recipe.train, "epochs": recipe.train["epochs"] + 1})
+    assert not matches(tmp_path, recipe)

@@ -162,6 +162,10 @@ RECIPES.update({
     for r in [
         _r("mnistconv_fp_fgsmrs", "mnistconv", "mnist", "FGSM-RS adversarial training (Wong et al. 2020)",
            {**_ADV_MNIST, "seed": 0}),
+        # The same with a bias in every layer (CleverHans' ModelBasicCNN; Wong et al.'s MNIST net has biases
+        # too): without biases conv1 cannot learn the input thresholds robust MNIST nets rely on.
+        _r("mnistconv_bias_fgsmrs", "mnistconv", "mnist", "FGSM-RS adversarial training, MNISTconv with "
+           "biases (bias=True)", {**_ADV_MNIST, "seed": 0}, bias=True),
         *[
             _r(f"mnistconv_a4w2_m{i}_fgsmrs", "mnistconv", "mnist", f"EMPIR member {i}, FGSM-RS adversarial "
                "quantization-aware fine-tuning of mnistconv_fp_fgsmrs", {**_ADV_MNIST_Q, "seed": i},
@@ -195,5 +199,8 @@ def matches(ckpt: Path, recipe: Recipe, cfg: dict[str, Any] | None = None) -> bo
         kwargs = info["model"]["kwargs"]
     except (OSError, ValueError, KeyError, TypeError):
         return True  # not a recipe checkpoint we can judge; loading it will report what is wrong
-    wanted = {**get_entry(recipe.model).params(), **recipe.model_kwargs}  # as create_model records them
-    return trained == vars(TrainConfig(**(recipe.train if cfg is None else cfg))) and kwargs == wanted
+    defaults = get_entry(recipe.model).params()
+    wanted = {**defaults, **recipe.model_kwargs}  # as create_model records them
+    # an option added to the model family later (at its default) leaves older checkpoints valid
+    wanted_train = vars(TrainConfig(**(recipe.train if cfg is None else cfg)))
+    return trained == wanted_train and {**defaults, **kwargs} == wanted

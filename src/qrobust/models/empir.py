@@ -29,22 +29,27 @@ def _init_std(wbits: int, abits: int) -> float:
 
 
 class MNISTConv(nn.Module):
-    """conv64 8x8/2 SAME - conv128 6x6/2 VALID - conv128 5x5/1 VALID - linear 10; ReLU, no bias."""
+    """conv64 8x8/2 SAME - conv128 6x6/2 VALID - conv128 5x5/1 VALID - linear 10; ReLU, no bias.
+
+    ``bias=True`` gives every layer a bias, as CleverHans' ``ModelBasicCNN`` (the same net): without one
+    the first layer cannot learn the input thresholds (ReLU(x - t)) that robust MNIST models use at
+    eps 0.3 (Madry et al. 2018, their Fig. on conv1 filters), see docs/results/adversarial_training.md.
+    """
 
     def __init__(self, *, wbits: int, abits: int, dropout: float, mc_dropout: bool, extra_bias: bool = False,
-                 num_classes: int = 10):
+                 bias: bool = False, num_classes: int = 10):
         super().__init__()
         self.features = nn.Sequential(
-            _qconv(1, 64, 8, stride=2, padding=3, bias=False, wbits=wbits, abits=abits),
+            _qconv(1, 64, 8, stride=2, padding=3, bias=bias, wbits=wbits, abits=abits),
             nn.ReLU(),
-            _qconv(64, 128, 6, stride=2, padding=0, bias=False, wbits=wbits, abits=abits),
+            _qconv(64, 128, 6, stride=2, padding=0, bias=bias, wbits=wbits, abits=abits),
             nn.ReLU(),
-            _qconv(128, 128, 5, stride=1, padding=0, bias=False, wbits=wbits, abits=abits),
+            _qconv(128, 128, 5, stride=1, padding=0, bias=bias, wbits=wbits, abits=abits),
             nn.ReLU(),
             nn.Flatten(),
         )
         self.dropout = MCDropout(dropout, mc_dropout)
-        self.classifier = nn.Linear(128, num_classes, bias=extra_bias)
+        self.classifier = nn.Linear(128, num_classes, bias=extra_bias or bias)
         seed_init_(self, _init_std(wbits, abits))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -53,9 +58,9 @@ class MNISTConv(nn.Module):
 
 @register_model("mnistconv", input_shape=(1, 28, 28), description="EMPIR MNISTconv (DoReFa wbits/abits)")
 def mnistconv(*, wbits: int = 32, abits: int = 32, dropout: float = 0.0, mc_dropout: bool = False,
-              extra_bias: bool = False) -> nn.Module:
+              extra_bias: bool = False, bias: bool = False) -> nn.Module:
     return MNISTConv(wbits=check_bits(wbits, "wbits"), abits=check_bits(abits, "abits"), dropout=dropout,
-                     mc_dropout=mc_dropout, extra_bias=bool(extra_bias))
+                     mc_dropout=mc_dropout, extra_bias=bool(extra_bias), bias=bool(bias))
 
 
 class CIFARConv(nn.Module):

@@ -172,7 +172,8 @@ WORST_TEXT = (
     "judged on the copies' mean prediction. Beside it, the seed's attacks (labels = one stochastic pass's"
     " predictions; accuracy of one pass) and the strongest adaptive row. A number without a gradient-free"
     " attack is an upper bound. The bold figure is judged as the suite judges (randomized nets: the K-copy"
-    " mean); where one stochastic pass on the same inputs differs, it follows in parentheses."
+    " mean); where one stochastic pass on the same inputs differs, it follows in parentheses. Column n is"
+    " the worst case's; the other columns keep their own n (the Results table above gives it)."
 )
 
 
@@ -242,9 +243,11 @@ def _worst_row(cfg: Any, records: dict, m: Any, rec: dict[str, Any]) -> tuple[st
     if not done:
         return "| " + " | ".join(cells) + " |", None
     top = max(done, key=lambda r: r["accuracy"])
+    on = "" if top["n"] == worst["n"] else (f" on its {top['n']} images, the worst case on the first "
+                                             f"{worst['n']}")
     text = (f"{m.label}: worst case {100 * worst['accuracy']:.1f}% at eps {rec['eps']:g}, "
             f"{100 * (top['accuracy'] - worst['accuracy']):.1f} points below {top['attack']} "
-            f"({100 * top['accuracy']:.1f}%)")
+            f"({100 * top['accuracy']:.1f}%{on})")
     if square:
         text += f"; Square broke {square} images every gradient attack of the suite left standing"
     return "| " + " | ".join(cells) + " |", text + "."

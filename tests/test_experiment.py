@@ -488,3 +488,43 @@ def test_detection_cell_is_what_qrobust_detect_computes(tmp_path):
     assert det["lr_score"] == pytest.approx(ref["seed_lr_score"])
     assert rec["accuracy"] == pytest.approx(ref["adv_accuracy"]["single_pass"])
     assert rec["correct"] == round(rec["accuracy"] * 40) and "attack_result" not in rec
+
+
+SELECT_CFG = PREAMBLE.format(name="sel", samples=40) + """
+[[models]]
+name = "fp"
+arch = "mnistconv"
+
+[[models]]
+name = "q"
+arch = "mnistconv"
+options = { abits = 4, wbits = 2 }
+
+[[attacks]]
+name = "fgsm"
+eps = [0.1]
+
+[[attacks]]
+name = "pgd"
+eps = [0.1]
+alpha = 0.05
+steps = 2
+models = ["q"]
+"""
+
+
+def test_only_selects_models_and_keeps_result_keys(tmp_path):
+    """`only` (qrobust run --only) drops the other models and the attacks left without a target; a part's
+    results carry the same keys and values as the full run's, so the stores of parts merge."""
+    path = tmp_path / "sel.toml"
+    path.write_text(SELECT_CFG)
+    part = load_config(path, only=["fp"])
+    assert [m.name for m in part.models] == ["fp"] and [a.label for a in part.attacks] == ["FGSM"]
+    with pytest.raises(QrobustError, match="'nope' is not a model or ensemble of this file; known: fp, q"):
+        load_config(path, only=["nope"])
+    full = run_experiment(load_config(path, output=str(tmp_path / "full")), progress=False, report=False)
+    only_q = run_experiment(load_config(path, output=str(tmp_path / "q"), only=["q"]), progress=False,
+                            report=False)
+    want = {r["key"]: r["accuracy"] for r in full.records if r["target"] == "q"}
+    got = {r["key"]: r["accuracy"] for r in only_q.records}
+    assert len(got) == 3 and got == want

@@ -33,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
         output=args.out,
         device=args.device,
         samples=args.samples,
+        only=args.only,
     )
     if args.check:
         check_outputs(cfg)
@@ -115,6 +116,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--samples", type=positive_int, default=None, help="first N test images (overrides samples)"
+    )
+    p.add_argument(
+        "--only", nargs="+", default=None, metavar="NAME",
+        help="run only these models/ensembles of the file (an ensemble brings its members); results keep "
+        "their keys, so stores of parts merge and the full file finds them",
     )
     p.add_argument("--check", action="store_true", help="only validate the file")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from stored results")

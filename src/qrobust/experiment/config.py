@@ -11,6 +11,7 @@ overrides) lives in :mod:`qrobust.experiment.spec`. See ``docs/experiments.md`` 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import re
@@ -45,8 +46,8 @@ from qrobust.experiment.spec import (  # noqa: F401 - re-exported: the config's 
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None, **cli: Any) -> ExperimentConfig:
     """Read and validate an experiment file; ``overrides`` are ``--set KEY=VALUE`` strings.
 
-    Keyword arguments ``data``, ``data_root``, ``output``, ``device``, ``samples`` mirror the CLI flags
-    and win over the file (``None`` leaves the file's value).
+    Keyword arguments ``data``, ``data_root``, ``output``, ``device``, ``samples``, ``only`` mirror the CLI
+    flags and win over the file (``None`` leaves the file's value).
     """
     path = Path(path)
     if not path.is_file():
@@ -71,6 +72,7 @@ def parse_config(
     output: str | None = None,
     device: str | None = None,
     samples: int | None = None,
+    only: list[str] | None = None,
 ) -> ExperimentConfig:
     raw = copy.deepcopy(raw)
     for assignment in overrides or []:
@@ -82,12 +84,13 @@ def parse_config(
         ("output", output),
         ("device", device),
         ("samples", samples),
+        ("only", only),
     ):
         if value is not None:
             raw[key] = value
     c = Checker(source)
     top = ("name", "output", "seed", "samples", "batch_size", "device", "data", "data_root", "zoo", "train",
-           "datasets", "models", "ensembles", "attacks", "detection", "sanity")
+           "datasets", "models", "ensembles", "attacks", "detection", "sanity", "only")
     c.unknown(raw, top, "")
     name = c.string(raw.get("name", default_name), "name", ident=True)  # runs/<name>: a safe file name
     output = c.string(raw.get("output", str(Path("runs") / name)), "output")
@@ -113,6 +116,9 @@ def parse_config(
             sanity[k] = c.number(v, f"sanity.{k}")
     if not models:
         raise c.fail("models", "the experiment needs at least one [[models]] entry")
+    if raw.get("only") is not None:
+        models, ensembles, attacks, detection = _select(c, c.names(raw["only"], "only"), models, ensembles,
+                                                        attacks, detection)
     return ExperimentConfig(name, source, output, seed, n_samples, batch_size, device, data_root, zoo, train,
                             datasets, models, ensembles, attacks, detection, sanity, raw)
 
@@ -405,3 +411,34 @@ def _detection(
     samples = c.integer(t["samples"], "detection.samples", minimum=2) if "samples" in t else None
     eps = c.number(t["eps"], "detection.eps") if "eps" in t else None
     return DetectionSpec(names, att, mc, samples, eps)
+
+
+def _select(
+    c: Checker, only: list[str], models: list[ModelSpec], ensembles: list[EnsembleSpec],
+    attacks: list[AttackSpec], detection: DetectionSpec | None,
+) -> tuple[list[ModelSpec], list[EnsembleSpec], list[AttackSpec], DetectionSpec | None]:
+    """Restrict an experiment to the named models and ensembles (``only``, ``qrobust run --only``), so
+    part of a grid can run where only some checkpoints exist or on another machine. Result keys do not
+    depend on the selection: the parts' stores merge, and the full file finds every result again."""
+    known = [m.name for m in models] + [e.name for e in ensembles]
+    for name in only:
+        if name not in known:
+            raise c.fail("only", f"{name!r} is not a model or ensemble of this file; known: "
+                                 f"{', '.join(known)}")
+    ensembles = [e for e in ensembles if e.name in only]
+    keep = set(only) | {m for e in ensembles for m in e.members}
+    models = [m for m in models if m.name in keep]
+    kept: list[AttackSpec] = []
+    for a in attacks:
+        if a.models is not None:
+            a = dataclasses.replace(a, models=[m for m in a.models if m in keep])
+            if not a.models:
+                continue
+        kept.append(a)
+    if detection is not None:
+        labels = {a.label for a in kept}
+        detection = dataclasses.replace(detection, models=[m for m in detection.models if m in keep],
+                                        attacks=[a for a in detection.attacks if a in labels])
+        if not detection.models or not detection.attacks:
+            detection = None
+    return models, ensembles, kept, detection

@@ -253,6 +253,25 @@ def _worst_row(cfg: Any, records: dict, m: Any, rec: dict[str, Any]) -> tuple[st
     return "| " + " | ".join(cells) + " |", text + "."
 
 
+def coverage(cfg: Any, records: dict) -> str:
+    """Which of the config's models this store holds cells for, and the compute they took (the sum of the
+    cells' own timings: what rerunning them costs on the machine that ran them)."""
+    counts = {m.name: 0 for m in cfg.models}
+    for r in records.values():
+        if r["target"] in counts:
+            counts[r["target"]] += 1
+    have = [f"{m.label} (`{m.recipe or m.arch or m.checkpoint}`, {counts[m.name]} cells)"
+            for m in cfg.models if counts[m.name]]
+    missing = [f"`{m.recipe or m.name}`" for m in cfg.models if not counts[m.name]]
+    seconds = sum(r.get("seconds") or 0.0 for r in records.values())
+    text = (f"Models on this page: {', '.join(have) or 'none'}; the cells took {seconds / 60:.0f} min of "
+            "compute.")
+    if missing:
+        text += (f" Not run into this store (no rows below): {', '.join(missing)}; "
+                 "`qrobust run` computes them when their checkpoints exist (`--train-missing` trains them).")
+    return text
+
+
 def render(cfg: Any, records: dict, command: str, store: Path, out: Path) -> str:
     order = {m.name: i for i, m in enumerate(cfg.models)}
     labels = [a.label for a in cfg.attacks]
@@ -261,7 +280,7 @@ def render(cfg: Any, records: dict, command: str, store: Path, out: Path) -> str
                                  labels.index(r["attack"]) if r["attack"] in labels else 99))
     figs = figures(cfg, dets, out.parent / "figures")
     lines = ["# QNN-defense reproduction: Monte-Carlo dropout detection of adversarial examples (MNIST)", "",
-             stamp(command, store, records), "", "## Results", "",
+             stamp(command, store, records), "", coverage(cfg, records), "", "## Results", "",
              "| model | attack | n | seed: clean / adv / LR | ours: clean single (group) | "
              "adv single (group) [95% CI of group] | uncertainty clean → adv | seed LR (train acc) | "
              "AUC all [95% CI] | TPR@5%FPR all | AUC successful [95% CI] (n) | TPR@5%FPR succ. |",

@@ -311,7 +311,8 @@ def test_qnn_detection_page_shows_the_worst_case_beside_the_seed_attacks(tmp_pat
                           "50.0 [23.7, 76.3] | – | 40.0 [16.8, 68.7] (PGD EOT K=4) | "
                           "**20.0 [5.7, 51.0]** (one pass on its outputs: 30.0) | ")
     assert "apgd_ce_eot 30.0 → apgd_t_eot 30.0 → square_eot 20.0 | 1 | 12 |" in row
-    assert ("randomized BNN: worst case 20.0% at eps 0.3, 40.0 points below FGSM (60.0%); Square broke 1 "
+    assert ("randomized BNN: worst case 20.0% at eps 0.3, 20.0 points below the strongest other attack, "
+            "PGD EOT K=4 (40.0%); Square broke 1 "
             "images every gradient attack of the suite left standing.") in page
 
 

@@ -253,7 +253,8 @@ def _worst_row(cfg: Any, records: dict, m: Any, rec: dict[str, Any]) -> tuple[st
             f"{abs(gap):.1f} points {where} the strongest other attack, {top['attack']} "
             f"({100 * top['accuracy']:.1f}%{on})")
     if square:
-        text += f"; Square broke {square} images every gradient attack of the suite left standing"
+        text += (f"; Square broke {square} image{'s' if square != 1 else ''} every gradient attack of the "
+                 "suite left standing")
     return "| " + " | ".join(cells) + " |", text + "."
 
 

@@ -313,7 +313,7 @@ def test_qnn_detection_page_shows_the_worst_case_beside_the_seed_attacks(tmp_pat
     assert "apgd_ce_eot 30.0 → apgd_t_eot 30.0 → square_eot 20.0 | 1 | 12 |" in row
     assert ("randomized BNN: worst case 20.0% at eps 0.3, 20.0 points below the strongest other attack, "
             "PGD EOT K=4 (40.0%); Square broke 1 "
-            "images every gradient attack of the suite left standing.") in page
+            "image every gradient attack of the suite left standing.") in page
 
 
 def test_bitwidth_page_puts_pgd_beside_the_worst_case_per_bit_width(tmp_path):

@@ -528,3 +528,22 @@ def test_only_selects_models_and_keeps_result_keys(tmp_path):
     want = {r["key"]: r["accuracy"] for r in full.records if r["target"] == "q"}
     got = {r["key"]: r["accuracy"] for r in only_q.records}
     assert len(got) == 3 and got == want
+
+
+def test_detection_cells_follow_each_attacks_models(tmp_path):
+    """An attack restricted to some models (`models = [...]`) gets detection cells on those only, so a run of
+    part of the file (`only`) and the whole file plan the same detection cells."""
+    text = DETECT_CFG.replace('[detection]', '[[attacks]]\nname = "pgd"\neps = 0.3\nalpha = 0.1\nsteps = 2\n'
+                              'models = ["mcd2"]\n\n[detection]')
+    text = text.replace('models = ["mcd"]', 'models = ["mcd", "mcd2"]').replace('attacks = ["FGSM"]',
+                                                                             'attacks = ["FGSM", "PGD"]')
+    text = text.replace('[[attacks]]', '[[models]]\nname = "mcd2"\narch = "qnn_fp"\n'
+                        'options = { dropout = 0.25, mc_dropout = true }\n\n[[attacks]]', 1)
+    (tmp_path / "d.toml").write_text(text)
+    from qrobust.experiment.runner import Runner
+
+    runner = Runner(load_config(tmp_path / "d.toml", output=str(tmp_path / "out")), progress=False,
+                    report=False)
+    with ResultStore(runner.store_path) as store:
+        cells = sorted((u.target, u.attack) for u in runner.plan(store) if u.kind == "detection")
+    assert cells == [("mcd", "FGSM"), ("mcd2", "FGSM"), ("mcd2", "PGD")]

@@ -168,7 +168,8 @@ class Planner:
                     {"attack_config": atk_cfg})
 
     def detection_units(self, store: ResultStore) -> list[Unit]:
-        """One unit per detected model x detection attack (at ``detection.eps`` or the table eps)."""
+        """One unit per detected model x detection attack that attacks it (at ``detection.eps`` or the table
+        eps); an attack's ``models`` list restricts its detection cells too."""
         from qrobust.mc import is_stochastic
 
         cfg, det = self.cfg, self.cfg.detection
@@ -184,6 +185,8 @@ class Planner:
                 )
             for label in det.attacks:
                 a = cfg.attack(label)
+                if a.models is not None and name not in a.models:
+                    continue  # an attack restricted to other models gets no detection cell here either
                 eps = det.eps if det.eps is not None else a.table_eps
                 n = det.samples or a.samples or cfg.samples
                 data = self.models.test_tensors(cfg.model(name).dataset, n)[2]

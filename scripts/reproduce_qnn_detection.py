@@ -270,7 +270,10 @@ def coverage(cfg: Any, records: dict) -> str:
     missing = [f"`{m.recipe or m.name}`" for m in cfg.models if not counts[m.name]]
     seconds = sum(r.get("seconds") or 0.0 for r in records.values())
     text = (f"Models on this page: {', '.join(have) or 'none'}; the cells took {seconds / 60:.0f} min of "
-            "compute.")
+            "compute. Recompute with `qrobust run configs/qnn_detection_mnist.toml "
+            "--data-root ../shared/data --train-missing` (QNN-defense's models are recipe-only: "
+            "`--train-missing` trains them first; their test accuracies and training times are in "
+            "[training.md](training.md)), then this script.")
     if missing:
         text += (f" Not run into this store (no rows below): {', '.join(missing)}; "
                  "`qrobust run` computes them when their checkpoints exist (`--train-missing` trains them).")

@@ -272,8 +272,9 @@ def test_qnn_detection_page_findings_come_from_the_stored_cells(tmp_path):
     assert "| FP + dropout 0.5 | JSMA | 100 | 99.2 / 32.8 / 93.9 |" in page  # seed A's logged row beside
     assert "per-image worst case" not in page  # no worst-case cell stored: no such section
     assert ("Models on this page: FP + dropout 0.5 (`qnn_fp_d05`, 2 cells); the cells took 0 min of compute. "
-            "Not run into this store (no rows below): `qnn_2bit_d05`, `qnn_3bit_d05`, `qnn_4bit_d05`, "
-            "`qnn_5bit_d05`, `qnn_bnn`, `qnn_rbnn`;") in page
+            "Recompute with") in page
+    assert ("then this script. Not run into this store (no rows below): `qnn_2bit_d05`, `qnn_3bit_d05`, "
+            "`qnn_4bit_d05`, `qnn_5bit_d05`, `qnn_bnn`, `qnn_rbnn`;") in page
     assert (tmp_path / "figures" / "qnn_detection_fp_d05.png").is_file()
 
 

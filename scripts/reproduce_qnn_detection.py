@@ -275,8 +275,7 @@ def coverage(cfg: Any, records: dict) -> str:
             "`--train-missing` trains them first; their test accuracies and training times are in "
             "[training.md](training.md)), then this script.")
     if missing:
-        text += (f" Not run into this store (no rows below): {', '.join(missing)}; "
-                 "`qrobust run` computes them when their checkpoints exist (`--train-missing` trains them).")
+        text += f" Not run into this store (no rows below): {', '.join(missing)}; that command computes them."
     return text
 
 

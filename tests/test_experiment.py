@@ -400,7 +400,8 @@ def test_sigkill_midway_then_rerun_resumes_without_redoing_work(tmp_path):
     assert "| fp |" in out
 
 
-ENSEMBLE_CFG = PREAMBLE.format(name="ens", samples=60) + """
+# A full-precision MNISTconv and an a4w2 one (EMPIR's member kinds).
+TWO_MODELS = """
 [[models]]
 name = "fp"
 arch = "mnistconv"
@@ -409,7 +410,9 @@ arch = "mnistconv"
 name = "q"
 arch = "mnistconv"
 options = { abits = 4, wbits = 2 }
+"""
 
+ENSEMBLE_CFG = PREAMBLE.format(name="ens", samples=60) + TWO_MODELS + """
 [[ensembles]]
 name = "e"
 members = ["q", "q", "fp"]
@@ -490,16 +493,7 @@ def test_detection_cell_is_what_qrobust_detect_computes(tmp_path):
     assert rec["correct"] == round(rec["accuracy"] * 40) and "attack_result" not in rec
 
 
-SELECT_CFG = PREAMBLE.format(name="sel", samples=40) + """
-[[models]]
-name = "fp"
-arch = "mnistconv"
-
-[[models]]
-name = "q"
-arch = "mnistconv"
-options = { abits = 4, wbits = 2 }
-
+SELECT_CFG = PREAMBLE.format(name="sel", samples=40) + TWO_MODELS + """
 [[attacks]]
 name = "fgsm"
 eps = [0.1]

@@ -16,6 +16,7 @@ the published references beside it.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -30,11 +31,11 @@ from qrobust.ensemble import Ensemble, ensemble_attack
 from qrobust.evaluate import evaluate_attack
 from qrobust.recipes import get_recipe
 from qrobust.suite import WorstCase
-from qrobust.utils import configure_logging, update_marked_section
+from qrobust.utils import atomic_write_json, configure_logging, update_marked_section
 from qrobust.zoo import ensure_trained
 
 REPO = Path(__file__).resolve().parents[1]
-EMPIR_ADV = ("mnistconv_a4w2_m1_fgsmrs", "mnistconv_a4w2_m2_fgsmrs", "mnistconv_fp_fgsmrs")
+EMPIR_ADV = ("mnistconv_a4w2_m1_fgsmrs", "mnistconv_a4w2_m2_fgsmrs", "mnistconv_bias_fgsmrs")
 EMPIR_CLEAN = ("mnistconv_a4w2_m1", "mnistconv_a4w2_m2", "mnistconv_fp")
 # group -> (dataset, eps, rows: (label, recipe names: one model, or an EMPIR ensemble's members), goal)
 GROUPS = {
@@ -59,18 +60,49 @@ REFERENCES = ("References at MNIST eps 0.3: Madry et al. (2018) about 89% under 
               "training (their net: 2 conv + 1024-unit FC, 10 epochs).")
 
 
-def load(names: tuple[str, ...], data_root: str | None) -> tuple[torch.nn.Module, float, list[dict]]:
-    """The model (an EMPIR vote ensemble for several names), its total training seconds and CO-guard logs."""
-    models, seconds, guards = [], 0.0, []
+def load(names: tuple[str, ...], data_root: str | None
+         ) -> tuple[torch.nn.Module, float, list[dict], list[str]]:
+    """The model (an EMPIR vote ensemble for several names), its total training seconds, CO-guard logs and
+    the members' weight hashes."""
+    models, seconds, guards, hashes = [], 0.0, [], []
     for name in names:
         path = ensure_trained(name, data_root=data_root)
         model, _ = load_checkpoint(path)
         cfg = read_config(path)
         seconds += float(cfg.get("train_seconds", float("nan")))
+        hashes.append(str(cfg.get("weights_sha256", "")))
         if cfg.get("co_guard"):
             guards.append({"recipe": name, **{k: v for k, v in cfg["co_guard"].items() if k != "checks"}})
         models.append(model.eval())
-    return (models[0] if len(models) == 1 else Ensemble(models).eval()), seconds, guards
+    return (models[0] if len(models) == 1 else Ensemble(models).eval()), seconds, guards, hashes
+
+
+def evaluate_row(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
+                 args: argparse.Namespace, cache: Path) -> dict:
+    """PGD-40 on all images and the worst case on the first ``--n-strong``; cached in ``cache`` (JSON, written
+    atomically) so an interrupted group resumes after its last finished row."""
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    res = evaluate_attack(model, pgd40(model, eps), x, y, labels="true", batch_size=250)
+    out: dict = {"pgd40": res.as_dict(), "worst_case": None}
+    print(json.dumps({"row": cache.stem, "pgd40": out["pgd40"]}), flush=True)
+    if not args.no_strong:
+        t0 = time.perf_counter()
+        n = min(args.n_strong or len(x), len(x))
+        wc = WorstCase(eps=eps, steps=args.strong_steps, n_queries=args.strong_queries, seed=0)
+        sres = evaluate_attack(model, wc, x[:n], y[:n], labels="true", batch_size=250)
+        out["worst_case"] = {**sres.as_dict(), "per_attack": wc.report.per_attack() if wc.report else [],
+                             "seconds": time.perf_counter() - t0}
+        print(json.dumps({"row": cache.stem, "worst_case": out["worst_case"]}), flush=True)
+    atomic_write_json(cache, out)
+    return out
+
+
+def breakdown(wc: dict | None) -> str:
+    """Which attack of the suite broke how many images first ("apgd_ce 23, square 5")."""
+    if not wc or not wc.get("per_attack"):
+        return ""
+    return ", ".join(f"{r['attack']} {r['broken']}" for r in wc["per_attack"])
 
 
 def pgd40(model: torch.nn.Module, eps: float):
@@ -95,31 +127,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-test", type=int, default=1000)
     p.add_argument("--strong-steps", type=int, default=100, help="APGD steps of the worst case (100)")
     p.add_argument("--strong-queries", type=int, default=5000, help="Square queries of the worst case (5000)")
+    p.add_argument("--n-strong", type=int, default=0,
+                   help="worst case on the first N of the --n-test images (default: all of them)")
     p.add_argument("--no-strong", action="store_true", help="PGD-40 only (quick look)")
+    p.add_argument("--cache", default=str(REPO / "runs" / "adv_train"),
+                   help="per-row results (resume after an interruption; delete to recompute)")
     p.add_argument("--doc", default=str(REPO / "docs" / "results" / "adversarial_training.md"))
     args = p.parse_args(argv)
     configure_logging()
     dataset, eps, rows, goal = GROUPS[args.group]
     x, y = load_dataset(dataset, root=args.data_root).test.head(args.n_test).tensors()
+    n_strong = min(args.n_strong or args.n_test, args.n_test)
     table = ["| model | recipe(s) | train min | clean % (95% CI) | PGD-40 % (95% CI) | worst case % "
-             "(95% CI) |", "|---|---|---|---|---|---|"]
+             "(95% CI) | broken first by (worst case) |", "|---|---|---|---|---|---|---|"]
     guards = []
     for label, names in rows:
-        model, seconds, guard = load(names, args.data_root)
+        model, seconds, guard, hashes = load(names, args.data_root)
         guards += guard
-        res = evaluate_attack(model, pgd40(model, eps), x, y, labels="true", batch_size=250)
-        strong = "not run"
-        if not args.no_strong:
-            t0 = time.perf_counter()
-            wc = WorstCase(eps=eps, steps=args.strong_steps, n_queries=args.strong_queries, seed=0)
-            sres = evaluate_attack(model, wc, x, y, labels="true", batch_size=250)
-            strong = f"{pct(sres.adversarial_accuracy)} {ci(sres.adversarial_ci95)}"
-            print(json.dumps({"model": label, "worst_case": sres.as_dict(),
-                              "seconds": time.perf_counter() - t0}), flush=True)
-        print(json.dumps({"model": label, "pgd40": res.as_dict()}), flush=True)
+        key = json.dumps([names, hashes, args.n_test, n_strong, args.strong_steps, args.strong_queries,
+                          args.no_strong, eps], sort_keys=True)
+        slug = "-".join(names) if len(names) == 1 else f"ensemble-{names[0]}"
+        cache = Path(args.cache) / args.group / f"{slug}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
+        out = evaluate_row(model, x, y, eps, args, cache)
+        res, wc = out["pgd40"], out["worst_case"]
+        strong = ("not run" if wc is None
+                  else f"{pct(wc['adversarial_accuracy'])} {ci(wc['adversarial_ci95'])}")
         table.append(f"| {label} | {', '.join(f'`{n}`' for n in names)} | {seconds / 60:.0f} | "
-                     f"{pct(res.clean_accuracy)} {ci(res.clean_ci95)} | {pct(res.adversarial_accuracy)} "
-                     f"{ci(res.adversarial_ci95)} | {strong} |")
+                     f"{pct(res['clean_accuracy'])} {ci(res['clean_ci95'])} | "
+                     f"{pct(res['adversarial_accuracy'])} {ci(res['adversarial_ci95'])} | {strong} | "
+                     f"{breakdown(wc)} |")
     recipes = {n: get_recipe(n).train for _, names in rows for n in names}
     cmd = "python scripts/adv_train_mnist.py " + " ".join(sys.argv[1:] if argv is None else argv)
     body = "\n".join([
@@ -129,10 +165,12 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Evaluation: first {args.n_test} test images, true labels; PGD-40 from a uniform random start "
         f"(step {0.01 if eps >= 0.1 else '2/255'}; an ensemble: on its mean logits, scored on its vote); "
-        f"worst case = qrobust `WorstCase` (APGD-CE, APGD-T {args.strong_steps} steps, Square "
-        f"{args.strong_queries} queries; ensembles: its ensemble suite), per image the worst; 95% Wilson "
-        "intervals. Training time from the checkpoints (an ensemble: sum of its members; init_from "
-        "recipes not included).",
+        f"worst case on the first {n_strong} of them = qrobust `WorstCase` (APGD-CE, APGD-T "
+        f"{args.strong_steps} steps x 9 target classes, Square {args.strong_queries} queries; ensembles: its "
+        "ensemble suite, which adds APGD on the vote margin and on EMPIR's attack objectives), per image the "
+        "worst; the last column counts, per attack, the images it was the first to break (images the model "
+        "already misclassifies are not attacked). 95% Wilson intervals. Training time from the checkpoints "
+        "(an ensemble: sum of its members; init_from recipes not included).",
         "",
         *table,
         "",

@@ -331,6 +331,35 @@ def test_quant_conv_matches_functional():
     assert torch.equal(plain(x), ref(x))
 
 
+def test_full_precision_bias_quant_leaves_the_bias_alone():
+    """bias_quant=Identity(): weights quantized, bias exact (a zero bias stays zero; DoReFa would map it
+    to a nonzero level), and its gradient is the plain one."""
+    torch.manual_seed(0)
+    conv = QuantConv2d(3, 4, 3, padding=1, weight_quant=DoReFaWeight(2), input_quant=DoReFaActivation(4),
+                       bias_quant=Identity())
+    with torch.no_grad():
+        conv.bias.zero_()
+    x = torch.rand(2, 3, 8, 8)
+    out = conv(x)
+    assert torch.equal(out, F.conv2d(DoReFaActivation(4)(x), DoReFaWeight(2)(conv.weight), None, padding=1))
+    assert DoReFaWeight(2)(torch.zeros(4)).abs().min() > 0  # what the default would have done to it
+    out.sum().backward()
+    assert torch.allclose(conv.bias.grad, torch.full((4,), 2 * 8 * 8.0))
+
+
+def test_mnistconv_with_biases_keeps_them_full_precision():
+    from qrobust.models.registry import create_model
+
+    m = create_model("mnistconv", wbits=2, abits=4, bias=True).eval()
+    conv1 = m.features[0]
+    with torch.no_grad():
+        conv1.bias.copy_(torch.linspace(-0.05, 0.05, 64))
+    x = torch.rand(2, 1, 28, 28)
+    wq = DoReFaWeight(2)(conv1.weight)
+    expected = F.conv2d(DoReFaActivation(4)(x), wq, conv1.bias, stride=2, padding=3)
+    assert torch.equal(conv1(x), expected)
+
+
 def test_quant_linear_matches_functional():
     torch.manual_seed(0)
     lin = QuantLinear(6, 3, weight_quant=SeedAQuantizer(2), input_quant=SignBinarizer())

@@ -16,12 +16,22 @@ from torch import Tensor, nn
 
 from qrobust.models.common import MaxPoolSame, MCDropout, Normalize, seed_init_
 from qrobust.models.registry import register_model
-from qrobust.quant import FULL_PRECISION, DoReFaActivation, DoReFaWeight, QuantConv2d, QuantLinear, check_bits
+from qrobust.quant import (
+    FULL_PRECISION,
+    DoReFaActivation,
+    DoReFaWeight,
+    Identity,
+    QuantConv2d,
+    QuantLinear,
+    check_bits,
+)
 
 
-def _qconv(cin: int, cout: int, k: int, *, wbits: int, abits: int, **kw) -> QuantConv2d:
+def _qconv(cin: int, cout: int, k: int, *, wbits: int, abits: int, fp_bias: bool = False,
+           **kw) -> QuantConv2d:
+    """A DoReFa conv; ``fp_bias`` keeps its bias full precision (else DoReFa-quantized like the weights)."""
     return QuantConv2d(cin, cout, k, weight_quant=DoReFaWeight(wbits), input_quant=DoReFaActivation(abits),
-                       **kw)
+                       bias_quant=Identity() if fp_bias else None, **kw)
 
 
 def _init_std(wbits: int, abits: int) -> float:
@@ -34,17 +44,19 @@ class MNISTConv(nn.Module):
     ``bias=True`` gives every layer a bias, as CleverHans' ``ModelBasicCNN`` (the same net): without one
     the first layer cannot learn the input thresholds (ReLU(x - t)) that robust MNIST models use at
     eps 0.3 (Madry et al. 2018, their Fig. on conv1 filters), see docs/results/adversarial_training.md.
+    These biases stay full precision at any wbits (a DoReFa-quantized bias cannot be zero), so a quantized
+    net can start from a full-precision one.
     """
 
     def __init__(self, *, wbits: int, abits: int, dropout: float, mc_dropout: bool, extra_bias: bool = False,
                  bias: bool = False, num_classes: int = 10):
         super().__init__()
         self.features = nn.Sequential(
-            _qconv(1, 64, 8, stride=2, padding=3, bias=bias, wbits=wbits, abits=abits),
+            _qconv(1, 64, 8, stride=2, padding=3, bias=bias, fp_bias=True, wbits=wbits, abits=abits),
             nn.ReLU(),
-            _qconv(64, 128, 6, stride=2, padding=0, bias=bias, wbits=wbits, abits=abits),
+            _qconv(64, 128, 6, stride=2, padding=0, bias=bias, fp_bias=True, wbits=wbits, abits=abits),
             nn.ReLU(),
-            _qconv(128, 128, 5, stride=1, padding=0, bias=bias, wbits=wbits, abits=abits),
+            _qconv(128, 128, 5, stride=1, padding=0, bias=bias, fp_bias=True, wbits=wbits, abits=abits),
             nn.ReLU(),
             nn.Flatten(),
         )

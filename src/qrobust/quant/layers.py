@@ -9,7 +9,12 @@ from qrobust.quant.quantizers import Identity
 
 
 class _QuantHooks(nn.Module):
-    """The weight (and bias) quantizer and the input quantizer around a standard layer's op."""
+    """The weight, bias and input quantizers around a standard layer's op.
+
+    ``bias_quant=None`` quantizes the bias with the weight quantizer (DoReFa's layers; a zero bias then
+    becomes a nonzero level); pass :class:`~qrobust.quant.quantizers.Identity` to keep it full precision,
+    as Brevitas and integer inference (32-bit accumulator biases) do.
+    """
 
     weight: Tensor
     bias: Tensor | None
@@ -19,16 +24,18 @@ class _QuantHooks(nn.Module):
         *args,
         weight_quant: nn.Module | None = None,
         input_quant: nn.Module | None = None,
+        bias_quant: nn.Module | None = None,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.weight_quant = weight_quant if weight_quant is not None else Identity()
         self.input_quant = input_quant if input_quant is not None else Identity()
+        self.bias_quant = bias_quant if bias_quant is not None else self.weight_quant
 
     def quantized(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """The quantized input, weights and bias of one call."""
         w = self.weight_quant(self.weight)  # weights, bias, then input: the order random quantizers draw in
-        b = self.weight_quant(self.bias) if self.bias is not None else None
+        b = self.bias_quant(self.bias) if self.bias is not None else None
         return self.input_quant(x), w, b
 
 

@@ -97,3 +97,26 @@ def test_train_cli_madry_weight_and_cosine_are_recorded(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "adversarial loss weight must be in (0, 1]" in err
     assert not (tmp_path / "bad").exists()
+
+
+def test_train_cli_fgsm_rs_with_biases_cyclic_and_guard(tmp_path, capsys):
+    """Wong et al.'s recipe from the command line: --adv fgsm-rs, --lr-schedule cyclic, --co-guard, and the
+    full-precision biases of mnistconv(bias=True); the checkpoint records all of it and reloads with them."""
+    from qrobust.checkpoint import load_checkpoint
+
+    out = tmp_path / "wong"
+    rc = main(["train", "--model", "mnistconv", "--wbits", "2", "--abits", "4", "--bias", "--data", "digits",
+               "--epochs", "1", "--max-train", "160", "--max-test", "20", "--batch-size", "32",
+               "--adv", "fgsm-rs", "--co-guard", "--co-guard-samples", "32", "--lr-schedule", "cyclic",
+               "--out", str(out), "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    cfg = json.loads((out / "config.json").read_text())
+    train_cfg = cfg["train"]
+    assert (train_cfg["adv_method"], train_cfg["lr_schedule"], train_cfg["co_guard"]) == ("fgsm_rs", "cyclic",
+                                                                                           True)
+    assert train_cfg["adv_weight"] == 1.0  # Wong et al.'s loss on adversarial inputs only
+    model, _ = load_checkpoint(out)
+    assert model.features[0].bias is not None and model.classifier.bias is not None
+    rc = main(["train", "--model", "qnn_bnn", "--bias", "--data", "digits", "--epochs", "1",
+               "--out", str(tmp_path / "bad"), "--quiet"])
+    assert rc != 0 and "has no option --bias" in capsys.readouterr().err

@@ -15,6 +15,7 @@ from qrobust.distributed import is_main
 from qrobust.errors import QrobustError
 from qrobust.models import create_model, get_entry
 from qrobust.train import TrainConfig, train_to_checkpoint
+from qrobust.train_config import LR_SCHEDULES
 from qrobust.utils import resolve_device, seed_everything
 
 
@@ -22,7 +23,7 @@ def model_kwargs(args: argparse.Namespace) -> dict:
     """Translate generic CLI options into the options the chosen model family takes."""
     accepted = get_entry(args.model).params()
     wanted = {"wbits": args.wbits, "abits": args.abits, "bits": args.bits, "dropout": args.dropout,
-              "mc_dropout": args.mc_dropout, "sign_ste": args.sign_ste}
+              "mc_dropout": args.mc_dropout, "sign_ste": args.sign_ste, "bias": args.bias}
     kwargs = {}
     for key, value in wanted.items():
         if value is None:
@@ -44,6 +45,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="keep dropout on at inference")
     p.add_argument("--sign-ste", choices=("hardtanh", "clip"), help="gradient of sign(): BinaryNet or seed "
                                                                     "A's clip")
+    p.add_argument("--bias", action=argparse.BooleanOptionalAction, default=None,
+                   help="mnistconv: a full-precision bias in every layer (EMPIR has none; adversarial "
+                        "training at eps 0.3 needs them, docs/results/adversarial_training.md)")
 
 
 def data_spec(spec: str) -> str:
@@ -103,8 +107,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=15, help="training epochs, >= 0 (default: %(default)s)")
     p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
-                   help="constant (the seeds) or cosine decay to 0 over all steps")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
+                   help="constant (the seeds), cosine decay to 0 over all steps, or cyclic (Wong et al.'s "
+                        "FGSM-RS: 0 -> --lr at 2/5 of training -> 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label-smoothing", type=float, default=0.0, help="EMPIR used 0.1 for CIFAR-10")
     p.add_argument("--max-train", type=positive_int, help="use only the first N training images")

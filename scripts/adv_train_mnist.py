@@ -29,6 +29,7 @@ from qrobust.checkpoint import load_checkpoint, read_config
 from qrobust.data import load_dataset
 from qrobust.ensemble import Ensemble, ensemble_attack
 from qrobust.evaluate import evaluate_attack
+from qrobust.experiment.results import code_version
 from qrobust.recipes import get_recipe
 from qrobust.suite import WorstCase
 from qrobust.utils import atomic_write_json, configure_logging, update_marked_section
@@ -94,6 +95,7 @@ def evaluate_row(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: 
         out["worst_case"] = {**sres.as_dict(), "per_attack": wc.report.per_attack() if wc.report else [],
                              "seconds": time.perf_counter() - t0}
         print(json.dumps({"row": cache.stem, "worst_case": out["worst_case"]}), flush=True)
+    out["computed"] = f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {code_version()}"
     atomic_write_json(cache, out)
     return out
 
@@ -140,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     n_strong = min(args.n_strong or args.n_test, args.n_test)
     table = ["| model | recipe(s) | train min | clean % (95% CI) | PGD-40 % (95% CI) | worst case % "
              "(95% CI) | broken first by (worst case) |", "|---|---|---|---|---|---|---|"]
-    guards = []
+    guards, computed = [], []
     for label, names in rows:
         model, seconds, guard, hashes = load(names, args.data_root)
         guards += guard
@@ -149,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         slug = "-".join(names) if len(names) == 1 else f"ensemble-{names[0]}"
         cache = Path(args.cache) / args.group / f"{slug}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
         out = evaluate_row(model, x, y, eps, args, cache)
+        computed.append((label, out.get("computed", "not recorded")))
         res, wc = out["pgd40"], out["worst_case"]
         strong = ("not run" if wc is None
                   else f"{pct(wc['adversarial_accuracy'])} {ci(wc['adversarial_ci95'])}")
@@ -178,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "Training settings (`qrobust.recipes`): " + json.dumps(recipes, default=str),
         "",
-        f"Command: `{cmd.strip()}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
+        f"Command: `{cmd.strip()}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {code_version()}); "
+        "rows computed: " + "; ".join(f"{label}: {when}" for label, when in computed),
     ])
     update_marked_section(args.doc, f"adv-{args.group}", body, title="Adversarial training")
     print(body)

@@ -42,7 +42,8 @@ EMPIR_CLEAN = ("mnistconv_a4w2_m1", "mnistconv_a4w2_m2", "mnistconv_fp")
 GROUPS = {
     "mnist-fp": ("mnist", 0.3, [("MNISTconv FP, clean-trained", ("mnistconv_fp",)),
                                 ("MNISTconv FP, FGSM-RS", ("mnistconv_fp_fgsmrs",)),
-                                ("MNISTconv FP with biases, FGSM-RS", ("mnistconv_bias_fgsmrs",))],
+                                ("MNISTconv FP with biases, FGSM-RS", ("mnistconv_bias_fgsmrs",)),
+                                ("the same + 2 epochs of PGD-10 fine-tuning", ("mnistconv_bias_pgd10",))],
                  "FGSM-RS row: >= 85% robust with >= 98% clean (issue 15)"),
     "mnist-a4w2": ("mnist", 0.3, [("MNISTconv a4w2, clean-trained", ("mnistconv_a4w2_m1",)),
                                   ("MNISTconv a4w2, FGSM-RS", ("mnistconv_a4w2_m1_fgsmrs",))],

@@ -186,6 +186,13 @@ RECIPES.update({
            "mnistconv_bias_fgsmrs", {"epochs": 2, "batch_size": 100, "lr": 1e-3, "lr_schedule": "cosine",
                                      "adv_method": "pgd", "adv_eps": 0.3, "adv_steps": 10, "adv_weight": 1.0,
                                      "seed": 0, **_FAST}, init_from="mnistconv_bias_fgsmrs", bias=True),
+        # The same multi-step fine-tuning for the a4w2 FGSM-RS member (1 epoch: a4w2 steps cost ~2x FP ones).
+        _r("mnistconv_a4w2_m1_pgd10", "mnistconv", "mnist", "PGD-10 adversarial quantization-aware "
+           "fine-tuning of mnistconv_a4w2_m1_fgsmrs", {"epochs": 1, "batch_size": 100, "lr": 1e-3,
+                                                       "lr_schedule": "cosine", "adv_method": "pgd",
+                                                       "adv_eps": 0.3, "adv_steps": 10, "adv_weight": 1.0,
+                                                       "seed": 1, **_FAST},
+           init_from="mnistconv_a4w2_m1_fgsmrs", wbits=2, abits=4, bias=True),
         # The PGD run of docs/results/adversarial_training.md (scripts/adv_train_mnist.py before issue 15):
         # Madry et al.'s objective with 7 steps of 0.1, eps grown over half an epoch, from mnistconv_fp.
         _r("mnistconv_fp_pgd7", "mnistconv", "mnist", "PGD-7 adversarial fine-tuning of mnistconv_fp",

@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     body = "\n".join([
         f"## {args.group}: adversarial vs clean training ({dataset}, L-inf eps {eps:.4g})",
         "",
-        f"Goal: {goal}. " + (REFERENCES if dataset == "mnist" else ""),
+        (f"Goal: {goal}. " + (REFERENCES if dataset == "mnist" else "")).rstrip(),
         "",
         f"Evaluation: first {args.n_test} test images, true labels; PGD-40 from a uniform random start "
         f"(step {0.01 if eps >= 0.1 else '2/255'}; an ensemble: on its mean logits, scored on its vote); "

@@ -29,7 +29,8 @@ from qrobust.utils import configure_logging, update_marked_section
 from qrobust.zoo import ensure_trained
 
 REPO = Path(__file__).resolve().parents[1]
-MODELS = ("mnistconv_bias_fgsmrs", "mnistconv_a4w2_m1_fgsmrs", "mnistconv_a4w2_m2_fgsmrs")
+MODELS = ("mnistconv_bias_fgsmrs", "mnistconv_bias_pgd10", "mnistconv_a4w2_m1_fgsmrs",
+          "mnistconv_a4w2_m2_fgsmrs", "mnistconv_a4w2_m1_pgd10")
 EPS = 0.3
 
 

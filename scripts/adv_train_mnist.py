@@ -136,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-strong", type=int, default=0,
                    help="worst case on the first N of the --n-test images (default: all of them)")
     p.add_argument("--no-strong", action="store_true", help="PGD-40 only (quick look)")
+    p.add_argument("--rows", type=int, nargs="+", default=None,
+                   help="evaluate only these rows of the group (1-based) and print them; the page is not "
+                        "written")
     p.add_argument("--cache", default=str(REPO / "runs" / "adv_train"),
                    help="per-row results (resume after an interruption; delete to recompute)")
     p.add_argument("--doc", default=str(REPO / "docs" / "results" / "adversarial_training.md"))
@@ -147,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     table = ["| model | recipe(s) | train min | clean % (95% CI) | PGD-40 % (95% CI) | worst case % "
              "(95% CI) | broken first by (worst case) |", "|---|---|---|---|---|---|---|"]
     guards, computed = [], []
-    for label, names in rows:
+    for i, (label, names) in enumerate(rows, 1):
+        if args.rows and i not in args.rows:
+            continue
         model, seconds, guard, hashes = load(names, args.data_root)
         guards += guard
         key = json.dumps([names, hashes, args.n_test, n_strong, args.strong_steps, args.strong_queries,
@@ -188,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: `{cmd.strip()}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {code_version()}); "
         "rows computed: " + "; ".join(f"{label}: {when}" for label, when in computed),
     ])
-    update_marked_section(args.doc, f"adv-{args.group}", body, title="Adversarial training")
+    if not args.rows:
+        update_marked_section(args.doc, f"adv-{args.group}", body, title="Adversarial training")
     print(body)
     return 0
 

@@ -107,7 +107,7 @@ class Planner:
         detected = set(cfg.detection.models) if cfg.detection is not None else set()
         units: list[Unit] = []
         for t in [m.name for m in cfg.models] + [e.name for e in cfg.ensembles]:
-            attacked = [a for a in cfg.attacks if a.models is None or t in a.models]
+            attacked = [a for a in cfg.attacks if a.applies_to(t)]
             if not attacked and t not in detected:
                 continue
             units.append(self.clean_unit(t, labels[t]))
@@ -185,7 +185,7 @@ class Planner:
                 )
             for label in det.attacks:
                 a = cfg.attack(label)
-                if a.models is not None and name not in a.models:
+                if not a.applies_to(name):
                     continue  # an attack restricted to other models gets no detection cell here either
                 eps = det.eps if det.eps is not None else a.table_eps
                 n = det.samples or a.samples or cfg.samples

@@ -79,6 +79,10 @@ class AttackSpec:
     def single_step(self) -> bool:
         return self.name == "fgsm"
 
+    def applies_to(self, target: str) -> bool:
+        """Does this attack run on model or ensemble ``target`` (its ``models`` list, if any)?"""
+        return self.models is None or target in self.models
+
 
 @dataclass
 class DetectionSpec:

@@ -30,12 +30,13 @@ class _QuantHooks(nn.Module):
         super().__init__(*args, **kwargs)
         self.weight_quant = weight_quant if weight_quant is not None else Identity()
         self.input_quant = input_quant if input_quant is not None else Identity()
-        self.bias_quant = bias_quant if bias_quant is not None else self.weight_quant
+        self.bias_quant = bias_quant  # None: the weight quantizer (not aliased, so it is registered once)
 
     def quantized(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """The quantized input, weights and bias of one call."""
         w = self.weight_quant(self.weight)  # weights, bias, then input: the order random quantizers draw in
-        b = self.bias_quant(self.bias) if self.bias is not None else None
+        bias_quant = self.bias_quant if self.bias_quant is not None else self.weight_quant
+        b = bias_quant(self.bias) if self.bias is not None else None
         return self.input_quant(x), w, b
 
 

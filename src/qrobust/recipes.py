@@ -159,6 +159,9 @@ _ADV_MNIST = {"epochs": 10, "batch_size": 100, "lr": 5e-3, "lr_schedule": "cycli
 # 5 epochs (a pilot, 11.5 min each) left the guard's held-out PGD-10 accuracy at 19.5 / 29.3% and still
 # rising (95.4 / 95.9% clean): 15 epochs.
 _ADV_MNIST_Q = {**_ADV_MNIST, "epochs": 15, "lr": 1e-3, "lr_schedule": "cosine"}
+# Madry et al.'s PGD fine-tuning of an FGSM-RS net: 10 steps of 2.5 eps / 10 from a random start.
+_PGD10_FT = {"batch_size": 100, "lr": 1e-3, "lr_schedule": "cosine", "adv_method": "pgd", "adv_eps": 0.3,
+             "adv_steps": 10, "adv_weight": 1.0, **_FAST}
 # CIFAR-10 at eps 8/255, step 10/255 (Wong et al.'s CIFAR settings), Adam with their cyclic schedule.
 _ADV_CIFAR = {"epochs": 15, "batch_size": 128, "lr": 2e-3, "lr_schedule": "cyclic", "adv_method": "fgsm_rs",
               "adv_eps": 8 / 255, "adv_weight": 1.0, "co_guard": True, **_FAST}
@@ -179,19 +182,15 @@ RECIPES.update({
         ],
         _r("cifarconv_fp_fgsmrs", "cifarconv", "cifar10", "FGSM-RS adversarial training at eps 8/255",
            {**_ADV_CIFAR, "seed": 0}),
-        # Madry et al.'s PGD (10 steps of 2.5 eps / 10, random start) fine-tuning the FGSM-RS net with biases:
-        # APGD-CE leaves that net 60% of PGD-40's 90% (docs/results/adversarial_training.md), i.e. FGSM-RS
-        # left points within eps that multi-step attacks find; 2 epochs of multi-step training target them.
+        # PGD-10 fine-tuning of the FGSM-RS net with biases: APGD-CE leaves that net 60% of PGD-40's 90%
+        # (docs/results/adversarial_training.md), i.e. FGSM-RS left points within eps that multi-step
+        # attacks find; 2 epochs of multi-step training target them.
         _r("mnistconv_bias_pgd10", "mnistconv", "mnist", "PGD-10 adversarial fine-tuning of "
-           "mnistconv_bias_fgsmrs", {"epochs": 2, "batch_size": 100, "lr": 1e-3, "lr_schedule": "cosine",
-                                     "adv_method": "pgd", "adv_eps": 0.3, "adv_steps": 10, "adv_weight": 1.0,
-                                     "seed": 0, **_FAST}, init_from="mnistconv_bias_fgsmrs", bias=True),
+           "mnistconv_bias_fgsmrs", {**_PGD10_FT, "epochs": 2, "seed": 0}, init_from="mnistconv_bias_fgsmrs",
+           bias=True),
         # The same multi-step fine-tuning for the a4w2 FGSM-RS member (1 epoch: a4w2 steps cost ~2x FP ones).
         _r("mnistconv_a4w2_m1_pgd10", "mnistconv", "mnist", "PGD-10 adversarial quantization-aware "
-           "fine-tuning of mnistconv_a4w2_m1_fgsmrs", {"epochs": 1, "batch_size": 100, "lr": 1e-3,
-                                                       "lr_schedule": "cosine", "adv_method": "pgd",
-                                                       "adv_eps": 0.3, "adv_steps": 10, "adv_weight": 1.0,
-                                                       "seed": 1, **_FAST},
+           "fine-tuning of mnistconv_a4w2_m1_fgsmrs", {**_PGD10_FT, "epochs": 1, "seed": 1},
            init_from="mnistconv_a4w2_m1_fgsmrs", wbits=2, abits=4, bias=True),
         # The PGD run of docs/results/adversarial_training.md (scripts/adv_train_mnist.py before issue 15):
         # Madry et al.'s objective with 7 steps of 0.1, eps grown over half an epoch, from mnistconv_fp.

@@ -83,8 +83,8 @@ def load(names: tuple[str, ...], data_root: str | None
 
 
 def evaluate_row(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
-                 args: argparse.Namespace, cache: Path) -> dict:
-    """PGD-40 on all images and the worst case on the first ``--n-strong``; cached in ``cache`` (JSON, written
+                 args: argparse.Namespace, n_strong: int, cache: Path) -> dict:
+    """PGD-40 on all images and the worst case on the first ``n_strong``; cached in ``cache`` (JSON, written
     atomically) so an interrupted group resumes after its last finished row."""
     if cache.is_file():
         return json.loads(cache.read_text())
@@ -93,9 +93,8 @@ def evaluate_row(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: 
     print(json.dumps({"row": cache.stem, "pgd40": out["pgd40"]}), flush=True)
     if not args.no_strong:
         t0 = time.perf_counter()
-        n = min(args.n_strong or len(x), len(x))
         wc = WorstCase(eps=eps, steps=args.strong_steps, n_queries=args.strong_queries, seed=0)
-        sres = evaluate_attack(model, wc, x[:n], y[:n], labels="true", batch_size=250)
+        sres = evaluate_attack(model, wc, x[:n_strong], y[:n_strong], labels="true", batch_size=250)
         out["worst_case"] = {**sres.as_dict(), "per_attack": wc.report.per_attack() if wc.report else [],
                              "seconds": time.perf_counter() - t0}
         print(json.dumps({"row": cache.stem, "worst_case": out["worst_case"]}), flush=True)
@@ -146,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     dataset, eps, rows, goal = GROUPS[args.group]
     x, y = load_dataset(dataset, root=args.data_root).test.head(args.n_test).tensors()
-    n_strong = min(args.n_strong or args.n_test, args.n_test)
+    n_strong = min(args.n_strong or len(x), len(x))
     table = ["| model | recipe(s) | train min | clean % (95% CI) | PGD-40 % (95% CI) | worst case % "
              "(95% CI) | broken first by (worst case) |", "|---|---|---|---|---|---|---|"]
     guards, computed = [], []
@@ -159,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                           args.no_strong, eps], sort_keys=True)
         slug = "-".join(names) if len(names) == 1 else f"ensemble-{names[0]}"
         cache = Path(args.cache) / args.group / f"{slug}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
-        out = evaluate_row(model, x, y, eps, args, cache)
+        out = evaluate_row(model, x, y, eps, args, n_strong, cache)
         computed.append((label, out.get("computed", "not recorded")))
         res, wc = out["pgd40"], out["worst_case"]
         strong = ("not run" if wc is None

@@ -17,13 +17,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from qrobust.attacks import PGD
 from qrobust.attacks.apgd import APGD
 from qrobust.checkpoint import load_checkpoint
 from qrobust.data import load_dataset
-from qrobust.evaluate import wilson_interval
+from qrobust.evaluate import accuracy, perturbation_norms, wilson_interval
 from qrobust.experiment.results import code_version
 from qrobust.utils import configure_logging, update_marked_section
 from qrobust.zoo import ensure_trained
@@ -54,21 +52,19 @@ def main(argv: list[str] | None = None) -> int:
     for recipe in MODELS:
         model, _ = load_checkpoint(ensure_trained(recipe, data_root=args.data_root))
         model.eval()
-        with torch.no_grad():
-            clean = int((model(x).argmax(1) == y).sum())
+        clean = accuracy(model, x, y)
         cells = []
         for label, atk in attacks():
             t0 = time.perf_counter()
             x_adv = atk(model, x, y)
-            dist = (x_adv - x).abs().flatten(1).amax(1).max().item()
+            dist = perturbation_norms(x, x_adv)[2].max().item()
             if dist > EPS + 1e-6 or x_adv.min() < 0 or x_adv.max() > 1:
                 raise SystemExit(f"{label} left the eps ball or [0, 1] (L-inf {dist})")
-            with torch.no_grad():
-                robust = int((model(x_adv).argmax(1) == y).sum())
+            robust = round(accuracy(model, x_adv, y) * len(y))
             lo, hi = wilson_interval(robust, len(y))
             cells.append(f"{100 * robust / len(y):.1f} [{100 * lo:.1f}, {100 * hi:.1f}]")
             print(f"{recipe} {label}: {robust}/{len(y)} ({time.perf_counter() - t0:.0f} s)", flush=True)
-        table.append(f"| `{recipe}` | {100 * clean / len(y):.1f} | " + " | ".join(cells) + " |")
+        table.append(f"| `{recipe}` | {100 * clean:.1f} | " + " | ".join(cells) + " |")
     cmd = "python scripts/pgd_step_probe.py " + " ".join(sys.argv[1:] if argv is None else argv)
     body = "\n".join([
         "## Step-size probe: why PGD-40 (step 0.01) overstates robustness here",
